@@ -1,0 +1,1 @@
+"""Phrase grounding on Flickr30k Entities: the library behind the DVC pipeline's stages."""

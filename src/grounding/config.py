@@ -1,0 +1,170 @@
+"""The types of ``params.yaml``: one frozen dataclass per section, checked at load.
+
+A misspelled, missing or mistyped key fails here with its dotted name in the message, so the
+library only ever sees well-typed values. ``dvc exp run -S train.pos_weight=3`` writes the int
+``3`` for ``3.0``: :func:`load_params` casts ints to floats where a float is declared.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """``params.yaml`` does not match the types below; the message names the key."""
+
+
+@dataclass(frozen=True)
+class DataParams:
+    """Where the dataset lives: ``root`` with the Flickr30k Entities layout.
+
+    ``images`` and ``splits`` are relative to ``root`` unless absolute.
+    """
+
+    root: Path
+    images: Path
+    splits: Path
+
+    @property
+    def images_dir(self) -> Path:
+        return self.root / self.images
+
+    @property
+    def splits_dir(self) -> Path:
+        return self.root / self.splits
+
+
+@dataclass(frozen=True)
+class PathParams:
+    """Where the stages write their artifacts (read by dvc.yaml, passed to stages as arguments)."""
+
+    parsed: Path
+    pairs: Path
+    split: Path
+    reports: Path
+
+
+@dataclass(frozen=True)
+class ParseParams:
+    skip_bad_files: bool
+
+
+@dataclass(frozen=True)
+class PairParams:
+    candidates: Literal["annotated"]
+    pos_iou: float
+
+
+@dataclass(frozen=True)
+class SplitParams:
+    strategy: Literal["official", "random"]
+    val_fraction: float
+    test_fraction: float
+    seed: int
+    train_pos_share: float
+
+
+@dataclass(frozen=True)
+class Params:
+    data: DataParams
+    paths: PathParams
+    parse: ParseParams
+    pair: PairParams
+    split: SplitParams
+
+
+def _cast(value: Any, annotation: Any, key: str) -> Any:
+    """Check ``value`` against the type ``annotation`` and cast where that is lossless."""
+    origin = get_origin(annotation)
+    if dataclasses.is_dataclass(annotation):
+        return _build(annotation, value, key)
+    if origin is Literal:
+        if value not in get_args(annotation):
+            raise ConfigError(f"{key}: {value!r} is not one of {list(get_args(annotation))}")
+        return value
+    if origin in (types.UnionType, typing.Union):
+        options = get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _cast(value, option, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: {value!r} is not a {annotation}")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        key_type, value_type = get_args(annotation)
+        return {
+            _cast(k, key_type, f"{key}.{k}"): _cast(v, value_type, f"{key}.{k}")
+            for k, v in value.items()
+        }
+    if origin is tuple:
+        (item_type, _) = get_args(annotation)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return tuple(_cast(v, item_type, f"{key}[{i}]") for i, v in enumerate(value))
+    if annotation is Path:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a path, got {value!r}")
+        return Path(value)
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if annotation is int and isinstance(value, bool):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if not isinstance(value, annotation):
+        raise ConfigError(f"{key}: expected {annotation.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, values: Any, key: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{key or 'params'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [field.name for field in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {[_join(key, u) for u in unknown]}; known: {names}")
+    missing = [name for name in names if name not in values]
+    if missing:
+        raise ConfigError(f"missing key(s) {[_join(key, m) for m in missing]}")
+    return cls(**{name: _cast(values[name], hints[name], _join(key, name)) for name in names})
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def params_from_dict(values: dict[str, Any]) -> Params:
+    """Build and check :class:`Params` from a parsed ``params.yaml``."""
+    return _build(Params, values, "")
+
+
+def load_params(path: Path) -> Params:
+    """Read and check ``params.yaml``."""
+    with open(path, encoding="utf-8") as handle:
+        return params_from_dict(yaml.safe_load(handle))
+
+
+def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 1e-3}}`` -> ``{"train.lr": 1e-3}`` (for experiment trackers)."""
+    flat: dict[str, Any] = {}
+    for name, value in values.items():
+        key = _join(prefix, name)
+        if isinstance(value, dict):
+            flat.update(flatten(value, key))
+        else:
+            flat[key] = value
+    return flat

@@ -1,0 +1,223 @@
+"""Files: the one module that knows where and how artifacts are stored.
+
+Tables are parquet, arrays ``.npy``, summaries JSON; every write goes to a temporary file in
+the target folder and is renamed into place, so a stage that dies never leaves a half-written
+output behind. Reading the Flickr30k Entities layout (``annotations.zip`` or unpacked
+``Annotations/`` + ``Sentences/``, ``images/<id>.jpg``, ``train.txt``/``val.txt``/``test.txt``)
+also lives here; what the files *mean* is :mod:`grounding.flickr30k`'s business.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+
+from grounding.errors import DataError
+from grounding.parse import SPLITS, AnnotationFiles, SplitList, read_split_list
+
+IMAGE_SUFFIX = ".jpg"
+
+
+# --- atomic writes -------------------------------------------------------------------------
+
+
+@contextmanager
+def _atomic(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_bytes(content: bytes, path: Path) -> None:
+    with _atomic(path) as tmp:
+        tmp.write_bytes(content)
+
+
+def write_text(text: str, path: Path) -> None:
+    write_bytes(text.encode("utf-8"), path)
+
+
+def write_json(obj: Any, path: Path) -> None:
+    write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", path)
+
+
+def read_json(path: Path) -> Any:
+    _require(path)
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def write_table(table: pd.DataFrame, path: Path) -> None:
+    with _atomic(path) as tmp:
+        table.to_parquet(tmp, index=False)
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    _require(path)
+    return pd.read_parquet(path)
+
+
+def write_tables(tables: Mapping[str, pd.DataFrame], folder: Path) -> None:
+    """Write each table as ``<folder>/<name>.parquet``."""
+    for name, table in tables.items():
+        write_table(table, folder / f"{name}.parquet")
+
+
+def read_tables(folder: Path, names: tuple[str, ...]) -> dict[str, pd.DataFrame]:
+    """Read ``<folder>/<name>.parquet`` for each name."""
+    return {name: read_table(folder / f"{name}.parquet") for name in names}
+
+
+def write_array(array: np.ndarray, path: Path) -> None:
+    with _atomic(path) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, array, allow_pickle=False)
+
+
+def read_array(path: Path, mmap: bool = False) -> np.ndarray:
+    _require(path)
+    return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+
+
+def write_files(files: Mapping[str, bytes], root: Path) -> None:
+    """Write ``relative path -> content`` under ``root``."""
+    for relative, content in files.items():
+        write_bytes(content, root / relative)
+
+
+def write_figure(save: Callable[[Path], None], path: Path) -> None:
+    """Save a figure through ``save(tmp_path)`` (e.g. ``figure.savefig``) atomically."""
+    with _atomic(path) as tmp:
+        save(tmp)
+
+
+def _require(path: Path) -> None:
+    if not path.exists():
+        raise DataError(f"{path}: missing; run the stage that writes it (`dvc repro`)")
+
+
+# --- the Flickr30k Entities layout ---------------------------------------------------------
+
+
+def find_annotations(root: Path) -> Path:
+    """The annotations under ``root``: ``annotations.zip`` if present, else ``root`` itself
+    when it holds ``Annotations/`` and ``Sentences/``."""
+    archive = root / "annotations.zip"
+    if archive.is_file():
+        return archive
+    if (root / "Annotations").is_dir() and (root / "Sentences").is_dir():
+        return root
+    raise DataError(
+        f"{root}: no Flickr30k Entities annotations: expected annotations.zip or the folders "
+        "Annotations/ and Sentences/"
+    )
+
+
+class AnnotationReader:
+    """Every image's ``(xml, sentences)`` pair from a zip or from unpacked folders.
+
+    ``len()`` is known before reading (for progress bars); iterating yields
+    :class:`~grounding.parse.AnnotationFiles` sorted by image id. An image with an XML file
+    but no captions (or the reverse) raises :class:`DataError` naming the file.
+    """
+
+    def __init__(self, location: Path) -> None:
+        self.location = location
+        self._zip = zipfile.ZipFile(location) if location.suffix == ".zip" else None
+        if self._zip is not None:
+            names = self._zip.namelist()
+        else:
+            names = [f"Annotations/{n}" for n in os.listdir(location / "Annotations")] + [
+                f"Sentences/{n}" for n in os.listdir(location / "Sentences")
+            ]
+        xml = {_stem(n): n for n in names if _in_folder(n, "Annotations", ".xml")}
+        txt = {_stem(n): n for n in names if _in_folder(n, "Sentences", ".txt")}
+        for present, missing, mine, theirs in (
+            ("Annotations", "Sentences", xml, txt),
+            ("Sentences", "Annotations", txt, xml),
+        ):
+            orphans = sorted(set(mine) - set(theirs))
+            if orphans:
+                raise DataError(
+                    f"{self._source(mine[orphans[0]])}: has no matching file in {missing}/ "
+                    f"({len(orphans)} such file(s) in {present}/)"
+                )
+        self._names = [(image_id, xml[image_id], txt[image_id]) for image_id in sorted(xml)]
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __iter__(self) -> Iterator[AnnotationFiles]:
+        for image_id, xml_name, txt_name in self._names:
+            yield AnnotationFiles(
+                image_id=image_id,
+                xml=self._read(xml_name),
+                xml_source=self._source(xml_name),
+                sentences=self._read(txt_name),
+                sentences_source=self._source(txt_name),
+            )
+
+    def _read(self, name: str) -> bytes:
+        if self._zip is not None:
+            return self._zip.read(name)
+        return (self.location / name).read_bytes()
+
+    def _source(self, name: str) -> str:
+        return f"{self.location}/{name}" if self._zip is None else f"{self.location}!{name}"
+
+
+def _in_folder(name: str, folder: str, suffix: str) -> bool:
+    parts = name.split("/")
+    return len(parts) >= 2 and parts[-2] == folder and parts[-1].endswith(suffix)
+
+
+def _stem(name: str) -> str:
+    return name.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+
+
+def read_split_lists(folder: Path) -> list[SplitList]:
+    """The split lists ``<folder>/{train,val,test}.txt`` that exist."""
+    return [
+        read_split_list(path.read_text(encoding="utf-8"), split, str(path))
+        for split in SPLITS
+        if (path := folder / f"{split}.txt").is_file()
+    ]
+
+
+def list_image_ids(images: Path) -> set[str]:
+    """Ids of the ``<id>.jpg`` files in ``images`` (empty if the folder does not exist)."""
+    if not images.is_dir():
+        return set()
+    return {name[: -len(IMAGE_SUFFIX)] for name in os.listdir(images) if name.endswith(IMAGE_SUFFIX)}
+
+
+def image_path(images: Path, image_id: str) -> Path:
+    return images / f"{image_id}{IMAGE_SUFFIX}"
+
+
+def load_image(images: Path, image_id: str) -> Image.Image:
+    """Load ``<images>/<id>.jpg`` as RGB; a missing, truncated or non-image file raises
+    :class:`DataError` naming it."""
+    path = image_path(images, image_id)
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise DataError(f"{path}: image file missing") from None
+    except (UnidentifiedImageError, OSError) as error:
+        raise DataError(f"{path}: unreadable image ({error})") from None

@@ -1,0 +1,156 @@
+"""pair: every phrase with ground truth x every candidate region of its image, labelled by IoU.
+
+Tables written by the stage:
+
+- ``candidates``: ``region_id, image_id, x1, y1, x2, y2, source`` -- the regions a phrase may
+  be grounded to. ``region_id`` is the row number, which later stages use to index region
+  features. Today's source is ``annotated`` (the image's distinct annotated boxes, the
+  setting of the original project); another source only has to produce this table.
+- ``phrases``: the paired phrases (columns of :mod:`grounding.parse`'s ``phrases``).
+- ``ground_truth``: ``phrase_id, image_id, x1, y1, x2, y2`` -- each phrase's boxes.
+- ``pairs``: ``phrase_id, region_id, image_id, iou, label`` -- ``iou`` is the region's best
+  IoU with any of the phrase's ground-truth boxes (ANY-box), ``label`` is ``iou >= pos_iou``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from grounding.boxes import box_iou
+from grounding.flickr30k import NOT_VISUAL_CHAIN
+
+BOX_COLUMNS = ["x1", "y1", "x2", "y2"]
+PAIR_TABLES: tuple[str, ...] = ("candidates", "phrases", "ground_truth", "pairs")
+
+
+@dataclass
+class Paired:
+    """What :func:`pair_dataset` returns: its tables and a summary of what was left out."""
+
+    candidates: pd.DataFrame
+    phrases: pd.DataFrame
+    ground_truth: pd.DataFrame
+    pairs: pd.DataFrame
+    summary: dict[str, int | float]
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        """The tables by name (``candidates``, ``phrases``, ``ground_truth``, ``pairs``)."""
+        return {name: getattr(self, name) for name in PAIR_TABLES}
+
+
+def annotated_candidates(boxes: pd.DataFrame) -> pd.DataFrame:
+    """The distinct annotated boxes of each image as candidate regions.
+
+    A box listed twice (two chains with the same coordinates) is one region.
+    """
+    regions = boxes.drop_duplicates(["image_id", *BOX_COLUMNS]).sort_values(["image_id", "box_id"])
+    regions = regions[["image_id", *BOX_COLUMNS]].reset_index(drop=True)
+    regions.insert(0, "region_id", np.arange(len(regions), dtype=np.int64))
+    regions["source"] = "annotated"
+    return regions
+
+
+def ground_truth(
+    phrases: pd.DataFrame, chain_boxes: pd.DataFrame, boxes: pd.DataFrame
+) -> pd.DataFrame:
+    """Each phrase's ground-truth boxes: the boxes of its chain, one row per (phrase, box)."""
+    linked = phrases[["phrase_id", "image_id", "chain_id"]].merge(
+        chain_boxes, on=["image_id", "chain_id"]
+    )
+    linked = linked.merge(boxes, on=["image_id", "box_id"])
+    return (
+        linked[["phrase_id", "image_id", *BOX_COLUMNS]]
+        .sort_values(["phrase_id", *BOX_COLUMNS])
+        .reset_index(drop=True)
+    )
+
+
+def build_pairs(candidates: pd.DataFrame, truth: pd.DataFrame, *, pos_iou: float) -> pd.DataFrame:
+    """Pair every phrase of ``truth`` with every candidate of its image.
+
+    Returns ``phrase_id, region_id, image_id, iou, label`` sorted by phrase then region; ``iou``
+    is the best IoU of the region with any of the phrase's boxes. A phrase whose image has no
+    candidate gets no pair.
+    """
+    if not 0.0 < pos_iou <= 1.0:
+        raise ValueError(f"pos_iou must be in (0, 1], got {pos_iou}")
+    truth = truth.sort_values(["image_id", "phrase_id"], kind="stable")
+    candidates = candidates.sort_values("image_id", kind="stable")
+    region_images = candidates["image_id"].to_numpy()
+    region_ids_all = candidates["region_id"].to_numpy()
+    region_boxes_all = candidates[BOX_COLUMNS].to_numpy(np.float64)
+    truth_images = truth["image_id"].to_numpy()
+    truth_phrases = truth["phrase_id"].to_numpy()
+    truth_boxes = truth[BOX_COLUMNS].to_numpy(np.float64)
+
+    phrase_chunks, region_chunks, iou_chunks = [], [], []
+    for image_id, (t0, t1) in _runs(truth_images).items():
+        r0, r1 = np.searchsorted(region_images, image_id), np.searchsorted(region_images, image_id, "right")
+        if r0 == r1:
+            continue
+        phrase_ids = truth_phrases[t0:t1]
+        starts = np.flatnonzero(np.r_[True, phrase_ids[1:] != phrase_ids[:-1]])
+        iou = box_iou(region_boxes_all[r0:r1], truth_boxes[t0:t1])  # (regions, gt boxes)
+        best = np.maximum.reduceat(iou, starts, axis=1)  # (regions, phrases)
+        phrase_chunks.append(np.repeat(phrase_ids[starts], r1 - r0))
+        region_chunks.append(np.tile(region_ids_all[r0:r1], len(starts)))
+        iou_chunks.append(best.T.reshape(-1))
+    phrase_of_pair = np.concatenate(phrase_chunks) if phrase_chunks else np.empty(0, np.int64)
+    pairs = pd.DataFrame(
+        {
+            "phrase_id": phrase_of_pair.astype(np.int64),
+            "region_id": np.concatenate(region_chunks).astype(np.int64) if region_chunks else np.empty(0, np.int64),
+            "iou": np.concatenate(iou_chunks).astype(np.float32) if iou_chunks else np.empty(0, np.float32),
+        }
+    )
+    pairs.insert(2, "image_id", candidates.set_index("region_id").loc[pairs["region_id"], "image_id"].to_numpy())
+    pairs["label"] = (pairs["iou"] >= pos_iou).astype(np.int8)
+    return pairs.sort_values(["phrase_id", "region_id"]).reset_index(drop=True)
+
+
+def pair_dataset(
+    images: pd.DataFrame,
+    phrases: pd.DataFrame,
+    boxes: pd.DataFrame,
+    chain_boxes: pd.DataFrame,
+    *,
+    pos_iou: float,
+) -> Paired:
+    """The pair stage on :mod:`grounding.parse`'s tables: keep images whose file is present,
+    pair their phrases that have boxes, and count everything left out and why."""
+    present = set(images.loc[images["has_file"], "image_id"])
+    in_present = phrases["image_id"].isin(present)
+    kept_phrases = phrases[in_present & phrases["has_box"]].reset_index(drop=True)
+    candidates = annotated_candidates(boxes[boxes["image_id"].isin(present)])
+    truth = ground_truth(kept_phrases, chain_boxes, boxes)
+    pairs = build_pairs(candidates, truth, pos_iou=pos_iou)
+
+    lost = phrases[in_present & ~phrases["has_box"]]
+    summary: dict[str, int | float] = {
+        "images": len(images),
+        "images_paired": int(pairs["image_id"].nunique()),
+        "images_left_out_no_file": len(images) - len(present),
+        "phrases": len(phrases),
+        "phrases_paired": int(pairs["phrase_id"].nunique()),
+        "phrases_left_out_no_file": int((~in_present).sum()),
+        "phrases_left_out_not_visual": int((lost["chain_id"] == NOT_VISUAL_CHAIN).sum()),
+        "phrases_left_out_no_box": int((lost["chain_id"] != NOT_VISUAL_CHAIN).sum()),
+        "candidates": len(candidates),
+        "candidates_per_image": round(len(candidates) / max(candidates["image_id"].nunique(), 1), 3),
+        "pairs": len(pairs),
+        "positives": int(pairs["label"].sum()),
+        "positive_share": round(float(pairs["label"].mean()) if len(pairs) else 0.0, 4),
+    }
+    return Paired(candidates, kept_phrases, truth, pairs, summary)
+
+
+def _runs(sorted_keys: np.ndarray) -> dict:
+    """``{key: (start, stop)}`` of each run of equal keys in a sorted array."""
+    if len(sorted_keys) == 0:
+        return {}
+    starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+    stops = np.r_[starts[1:], len(sorted_keys)]
+    return {sorted_keys[a]: (a, b) for a, b in zip(starts, stops, strict=True)}

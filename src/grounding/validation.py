@@ -1,0 +1,336 @@
+"""Great Expectations suites for every table a stage writes, and the runner that applies them.
+
+Each ``*_suite`` function returns the expectations of one artifact (its schema first: the exact
+column set); :func:`validate` runs them on an in-memory DataFrame in an ephemeral context (no
+files, no network) and raises :class:`ValidationError` with a message a person can act on:
+which expectation failed, on how many rows, and a few offending rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from functools import cache
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from grounding.errors import DataError
+from grounding.flickr30k import TYPES
+
+_TYPE = "|".join(TYPES)
+TYPES_PATTERN = rf"^({_TYPE})(/({_TYPE}))*$"
+_SHOWN_ROWS = 5
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """One expectation's outcome on one table."""
+
+    table: str
+    expectation: str
+    arguments: dict[str, Any]
+    success: bool
+    unexpected_count: int | None
+    element_count: int | None
+
+
+class ValidationError(DataError):
+    """A table failed its suite; the message lists each failed expectation with examples."""
+
+    def __init__(self, table: str, failures: list[tuple[CheckResult, pd.DataFrame]]) -> None:
+        lines = [f"{table}: {len(failures)} expectation(s) failed"]
+        for check, rows in failures:
+            count = (
+                f"{check.unexpected_count} of {check.element_count} rows"
+                if check.unexpected_count is not None
+                else "table-level"
+            )
+            lines.append(f"- {check.expectation}({_arguments(check.arguments)}): {count}")
+            if not rows.empty:
+                lines.extend("    " + line for line in rows.to_string(max_cols=12).splitlines())
+        super().__init__("\n".join(lines))
+        self.table = table
+        self.failures = [check for check, _ in failures]
+
+
+def _arguments(arguments: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in arguments.items() if k != "batch_id")
+
+
+@cache
+def _context() -> Any:
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
+    return context
+
+
+def validate(table: pd.DataFrame, name: str, expectations: Sequence[Any]) -> list[CheckResult]:
+    """Run ``expectations`` on ``table``; return every check or raise :class:`ValidationError`."""
+    import great_expectations as gx
+
+    context = _context()
+    source = context.data_sources.add_or_update_pandas(f"source_{name}")
+    asset = source.add_dataframe_asset(f"asset_{name}_{len(source.assets)}")
+    batch = asset.add_batch_definition_whole_dataframe("all").get_batch(
+        batch_parameters={"dataframe": table}
+    )
+    suite = gx.ExpectationSuite(name=name, expectations=list(expectations))
+    outcome = batch.validate(suite, result_format="SUMMARY")
+    checks, failures = [], []
+    for result in outcome.results:
+        config = result.expectation_config
+        check = CheckResult(
+            table=name,
+            expectation=config.type,
+            arguments={k: _plain(v) for k, v in config.kwargs.items() if k != "batch_id"},
+            success=bool(result.success),
+            unexpected_count=result.result.get("unexpected_count"),
+            element_count=result.result.get("element_count"),
+        )
+        checks.append(check)
+        if not check.success:
+            index = result.result.get("partial_unexpected_index_list") or []
+            failures.append((check, table.iloc[list(index)[:_SHOWN_ROWS]]))
+    if failures:
+        raise ValidationError(name, failures)
+    return checks
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, list | tuple | set):
+        return [_plain(v) for v in value]
+    return value
+
+
+def report(checks: Sequence[CheckResult]) -> dict[str, Any]:
+    """A JSON-ready summary of checks, for ``reports/validation/<stage>.json``."""
+    return {
+        "success": all(check.success for check in checks),
+        "checks": [asdict(check) for check in checks],
+    }
+
+
+# --- suites ---------------------------------------------------------------------------------
+
+
+def _gx() -> Any:
+    import great_expectations as gx
+
+    return gx.expectations
+
+
+def _schema(columns: Sequence[str]) -> list[Any]:
+    e = _gx()
+    return [e.ExpectTableColumnsToMatchSet(column_set=list(columns), exact_match=True)]
+
+
+def _unique(*columns: str) -> Any:
+    e = _gx()
+    if len(columns) == 1:
+        return e.ExpectColumnValuesToBeUnique(column=columns[0])
+    return e.ExpectCompoundColumnsToBeUnique(column_list=list(columns))
+
+
+def _not_null(columns: Sequence[str]) -> list[Any]:
+    e = _gx()
+    return [e.ExpectColumnValuesToNotBeNull(column=column) for column in columns]
+
+
+def _boxes_inside_image() -> list[Any]:
+    """On a table with ``x1, y1, x2, y2, width, height``: boxes non-empty and inside."""
+    e = _gx()
+    return [
+        e.ExpectColumnValuesToBeBetween(column="x1", min_value=0),
+        e.ExpectColumnValuesToBeBetween(column="y1", min_value=0),
+        e.ExpectColumnPairValuesAToBeGreaterThanB(column_A="x2", column_B="x1"),
+        e.ExpectColumnPairValuesAToBeGreaterThanB(column_A="y2", column_B="y1"),
+        e.ExpectColumnPairValuesAToBeGreaterThanB(column_A="width", column_B="x2", or_equal=True),
+        e.ExpectColumnPairValuesAToBeGreaterThanB(column_A="height", column_B="y2", or_equal=True),
+    ]
+
+
+def images_suite() -> list[Any]:
+    e = _gx()
+    columns = ["image_id", "width", "height", "split", "has_file"]
+    return [
+        *_schema(columns),
+        *_not_null(columns),
+        _unique("image_id"),
+        e.ExpectColumnValuesToBeBetween(column="width", min_value=1),
+        e.ExpectColumnValuesToBeBetween(column="height", min_value=1),
+        e.ExpectColumnValuesToBeInSet(column="split", value_set=["train", "val", "test", "none"]),
+    ]
+
+
+def captions_suite() -> list[Any]:
+    e = _gx()
+    columns = ["image_id", "caption_index", "text", "n_phrases"]
+    return [
+        *_schema(columns),
+        *_not_null(columns),
+        _unique("image_id", "caption_index"),
+        e.ExpectColumnValuesToBeBetween(column="n_phrases", min_value=0),
+    ]
+
+
+def phrases_suite() -> list[Any]:
+    e = _gx()
+    columns = [
+        "phrase_id",
+        "image_id",
+        "caption_index",
+        "phrase_index",
+        "chain_id",
+        "types",
+        "first_type",
+        "text",
+        "first_word",
+        "has_box",
+    ]
+    return [
+        *_schema(columns),
+        *_not_null(columns),
+        _unique("phrase_id"),
+        _unique("image_id", "caption_index", "phrase_index"),
+        e.ExpectColumnValuesToBeInSet(column="first_type", value_set=list(TYPES)),
+        e.ExpectColumnValuesToMatchRegex(column="types", regex=TYPES_PATTERN),
+        e.ExpectColumnValuesToBeBetween(column="chain_id", min_value=0),
+        e.ExpectColumnValueLengthsToBeBetween(column="text", min_value=1),
+    ]
+
+
+def boxes_suite() -> list[Any]:
+    """On boxes joined with their image's ``width, height``."""
+    columns = ["image_id", "box_id", "x1", "y1", "x2", "y2", "width", "height"]
+    return [*_schema(columns), *_not_null(columns), _unique("image_id", "box_id"), *_boxes_inside_image()]
+
+
+def chain_boxes_suite() -> list[Any]:
+    columns = ["image_id", "chain_id", "box_id"]
+    return [*_schema(columns), *_not_null(columns), _unique(*columns)]
+
+
+def chains_suite() -> list[Any]:
+    e = _gx()
+    columns = ["image_id", "chain_id", "n_boxes", "nobndbox", "scene"]
+    return [
+        *_schema(columns),
+        *_not_null(columns),
+        _unique("image_id", "chain_id"),
+        e.ExpectColumnValuesToBeBetween(column="n_boxes", min_value=0),
+    ]
+
+
+def candidates_suite() -> list[Any]:
+    """On candidates joined with their image's ``width, height``."""
+    e = _gx()
+    columns = ["region_id", "image_id", "x1", "y1", "x2", "y2", "source", "width", "height"]
+    return [
+        *_schema(columns),
+        *_not_null(columns),
+        _unique("region_id"),
+        e.ExpectColumnValuesToBeInSet(column="source", value_set=["annotated", "proposals"]),
+        *_boxes_inside_image(),
+    ]
+
+
+def ground_truth_suite() -> list[Any]:
+    """On ground truth joined with its image's ``width, height``."""
+    columns = ["phrase_id", "image_id", "x1", "y1", "x2", "y2", "width", "height"]
+    return [*_schema(columns), *_not_null(columns), *_boxes_inside_image()]
+
+
+def pairs_suite(extra_columns: Sequence[str] = ()) -> list[Any]:
+    e = _gx()
+    columns = ["phrase_id", "region_id", "image_id", "iou", "label", *extra_columns]
+    return [
+        *_schema(columns),
+        *_not_null(columns),
+        e.ExpectColumnValuesToBeBetween(column="iou", min_value=0, max_value=1),
+        e.ExpectColumnValuesToBeInSet(column="label", value_set=[0, 1]),
+    ]
+
+
+def unique_pairs() -> Any:
+    return _unique("phrase_id", "region_id")
+
+
+def split_images_suite() -> list[Any]:
+    """On the distinct ``(image_id, split)`` rows of all splits: no image in two splits."""
+    e = _gx()
+    return [
+        *_schema(["image_id", "split"]),
+        _unique("image_id"),
+        e.ExpectColumnValuesToBeInSet(column="split", value_set=["train", "val", "test"]),
+    ]
+
+
+def positive_share(minimum: float, maximum: float) -> Any:
+    """The share of positive labels lies in ``[minimum, maximum]``."""
+    return _gx().ExpectColumnMeanToBeBetween(column="label", min_value=minimum, max_value=maximum)
+
+
+# --- checks per stage (joins that a suite needs, then the suites) ----------------------------
+
+
+def _with_image_size(table: pd.DataFrame, images: pd.DataFrame) -> pd.DataFrame:
+    return table.merge(images[["image_id", "width", "height"]], on="image_id", how="left")
+
+
+def check_parsed(tables: dict[str, pd.DataFrame]) -> list[CheckResult]:
+    """The suites of every table of :mod:`grounding.parse`."""
+    images = tables["images"]
+    return [
+        *validate(images, "images", images_suite()),
+        *validate(tables["captions"], "captions", captions_suite()),
+        *validate(tables["phrases"], "phrases", phrases_suite()),
+        *validate(_with_image_size(tables["boxes"], images), "boxes", boxes_suite()),
+        *validate(tables["chain_boxes"], "chain_boxes", chain_boxes_suite()),
+        *validate(tables["chains"], "chains", chains_suite()),
+    ]
+
+
+def check_paired(tables: dict[str, pd.DataFrame], images: pd.DataFrame) -> list[CheckResult]:
+    """The suites of every table of :mod:`grounding.pair`."""
+    return [
+        *validate(
+            _with_image_size(tables["candidates"], images), "candidates", candidates_suite()
+        ),
+        *validate(tables["phrases"], "phrases", phrases_suite()),
+        *validate(
+            _with_image_size(tables["ground_truth"], images), "ground_truth", ground_truth_suite()
+        ),
+        *validate(tables["pairs"], "pairs", [*pairs_suite(), unique_pairs()]),
+    ]
+
+
+def check_split(
+    tables: dict[str, pd.DataFrame], *, train_pos_share: float, natural_train_share: float
+) -> list[CheckResult]:
+    """The suites of the split pairs: schema and labels per split, no image in two splits,
+    and the training positive share as configured (or the natural share where that is
+    already higher: balancing never drops negatives)."""
+    images = pd.concat(
+        [table[["image_id"]].drop_duplicates().assign(split=name) for name, table in tables.items()],
+        ignore_index=True,
+    )
+    tolerance = 0.005
+    share = positive_share(
+        train_pos_share - tolerance, max(train_pos_share, natural_train_share) + tolerance
+    )
+    checks = validate(images, "split_images", split_images_suite())
+    for name, table in tables.items():
+        expectations = pairs_suite()
+        if name == "train":
+            expectations.append(share)
+        else:
+            expectations.append(unique_pairs())
+        checks += validate(table, f"{name}_pairs", expectations)
+    return checks

@@ -1,0 +1,48 @@
+"""parse: read the Flickr30k Entities annotations of `data.root` into tables."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tqdm import tqdm
+
+from grounding import io, validation
+from grounding.config import load_params
+from grounding.errors import run
+from grounding.parse import parse_dataset
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file")
+    parser.add_argument("--out", type=Path, required=True, help="folder of the parsed tables")
+    parser.add_argument("--summary", type=Path, required=True, help="counts (JSON)")
+    parser.add_argument("--validation", type=Path, required=True, help="checks run (JSON)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    params = load_params(args.params)
+    data = params.data
+    reader = io.AnnotationReader(io.find_annotations(data.root))
+    parsed = parse_dataset(
+        tqdm(reader, desc="parse", unit="image", mininterval=2),
+        io.read_split_lists(data.splits_dir),
+        io.list_image_ids(data.images_dir),
+        skip_bad_files=params.parse.skip_bad_files,
+    )
+    tables = parsed.tables()
+    checks = validation.check_parsed(tables)
+    io.write_tables(tables, args.out)
+    io.write_json(
+        {**parsed.counts(), "skipped": [vars(skipped) for skipped in parsed.skipped]},
+        args.summary,
+    )
+    io.write_json(validation.report(checks), args.validation)
+    print(", ".join(f"{name} {count:,}" for name, count in parsed.counts().items()))
+
+
+if __name__ == "__main__":
+    run(main)
