@@ -15,6 +15,7 @@ with exclusive ends, so that a box covering a whole ``W x H`` image is ``(0, 0, 
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -118,12 +119,14 @@ def _int_text(element: etree._Element, tag: str, source: str) -> int:
     child = element.find(tag)
     if child is None or child.text is None:
         raise FormatError(source, f"<{element.tag}> has no <{tag}>", element.sourceline)
+    text = child.text.strip()
     try:
-        return int(float(child.text.strip()))
+        value = float(text)
     except ValueError:
-        raise FormatError(
-            source, f"<{tag}> is not a number: {child.text.strip()!r}", child.sourceline
-        ) from None
+        value = math.nan
+    if not value.is_integer():
+        raise FormatError(source, f"<{tag}> is not an integer: {text!r}", child.sourceline)
+    return int(value)
 
 
 def _flag(element: etree._Element, tag: str) -> bool:
@@ -229,6 +232,8 @@ def parse_caption(line: str, source: str, line_number: int) -> Caption:
             raise FormatError(source, f"unbalanced brackets: stray ']' in {token!r}", line_number)
         closes = current is not None and token.endswith("]")
         word = token[:-1] if closes else token
+        if "]" in word:
+            raise FormatError(source, f"unbalanced brackets: stray ']' in {token!r}", line_number)
         if current is not None:
             if word:
                 current.append(word)
@@ -252,9 +257,11 @@ def parse_sentences(text: bytes, source: str) -> list[Caption]:
     except UnicodeDecodeError as error:
         line = text[: error.start].count(b"\n") + 1
         raise FormatError(source, f"not UTF-8 text ({error.reason})", line) from None
+    # split on "\n" only, as the official reader does: str.splitlines() would also break
+    # lines at characters such as U+2028 inside a caption
     return [
-        parse_caption(line, source, number)
-        for number, line in enumerate(decoded.splitlines(), start=1)
+        parse_caption(line.rstrip("\r"), source, number)
+        for number, line in enumerate(decoded.split("\n"), start=1)
         if line.strip()
     ]
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
 import zipfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,22 @@ def read_table(path: Path) -> pd.DataFrame:
     return pd.read_parquet(path)
 
 
+def write_csv(table: pd.DataFrame, path: Path) -> None:
+    """A small table as CSV (DVC plots read it)."""
+    write_text(table.to_csv(index=False), path)
+
+
+def read_csv(path: Path) -> pd.DataFrame:
+    _require(path)
+    return pd.read_csv(path)
+
+
+def write_png(figure: Any, path: Path) -> None:
+    """Save a matplotlib figure as PNG."""
+    with _atomic(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=100)
+
+
 def write_tables(tables: Mapping[str, pd.DataFrame], folder: Path) -> None:
     """Write each table as ``<folder>/<name>.parquet``."""
     for name, table in tables.items():
@@ -98,12 +115,6 @@ def write_files(files: Mapping[str, bytes], root: Path) -> None:
     """Write ``relative path -> content`` under ``root``."""
     for relative, content in files.items():
         write_bytes(content, root / relative)
-
-
-def write_figure(save: Callable[[Path], None], path: Path) -> None:
-    """Save a figure through ``save(tmp_path)`` (e.g. ``figure.savefig``) atomically."""
-    with _atomic(path) as tmp:
-        save(tmp)
 
 
 def _require(path: Path) -> None:
@@ -138,7 +149,10 @@ class AnnotationReader:
 
     def __init__(self, location: Path) -> None:
         self.location = location
-        self._zip = zipfile.ZipFile(location) if location.suffix == ".zip" else None
+        try:
+            self._zip = zipfile.ZipFile(location) if location.suffix == ".zip" else None
+        except zipfile.BadZipFile:
+            raise DataError(f"{location}: not a readable zip archive") from None
         if self._zip is not None:
             names = self._zip.namelist()
         else:
@@ -221,3 +235,55 @@ def load_image(images: Path, image_id: str) -> Image.Image:
         raise DataError(f"{path}: image file missing") from None
     except (UnidentifiedImageError, OSError) as error:
         raise DataError(f"{path}: unreadable image ({error})") from None
+
+
+# --- features and checkpoints ----------------------------------------------------------------
+
+REGION_FEATURES = "regions.npy"
+PHRASE_FEATURES = "phrases.npy"
+PHRASE_ROWS = "phrase_rows.parquet"
+FEATURES_META = "features.json"
+
+
+def write_features(
+    folder: Path,
+    regions: np.ndarray,
+    phrases: np.ndarray,
+    phrase_rows: pd.DataFrame,
+    meta: Mapping[str, Any],
+) -> None:
+    """Region features (row = ``region_id``), phrase embeddings, ``phrase_id -> row`` and
+    what made them (``meta``: backbone, text encoder, sizes)."""
+    write_array(regions, folder / REGION_FEATURES)
+    write_array(phrases, folder / PHRASE_FEATURES)
+    write_table(phrase_rows, folder / PHRASE_ROWS)
+    write_json(dict(meta), folder / FEATURES_META)
+
+
+def read_features(folder: Path) -> tuple[np.ndarray, np.ndarray, pd.DataFrame, dict[str, Any]]:
+    """What :func:`write_features` wrote; the arrays are memory-mapped."""
+    return (
+        read_array(folder / REGION_FEATURES, mmap=True),
+        read_array(folder / PHRASE_FEATURES, mmap=True),
+        read_table(folder / PHRASE_ROWS),
+        read_json(folder / FEATURES_META),
+    )
+
+
+def write_checkpoint(state: Mapping[str, Any], path: Path) -> None:
+    """A model checkpoint (``torch.save`` of plain containers and tensors)."""
+    import torch
+
+    with _atomic(path) as tmp:
+        torch.save(dict(state), tmp)
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    import torch
+
+    if not path.exists():
+        raise DataError(f"{path}: no model here; train one with `dvc repro train`")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
+        raise DataError(f"{path}: not a model checkpoint of this project ({error})") from None

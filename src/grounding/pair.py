@@ -78,36 +78,38 @@ def build_pairs(candidates: pd.DataFrame, truth: pd.DataFrame, *, pos_iou: float
     if not 0.0 < pos_iou <= 1.0:
         raise ValueError(f"pos_iou must be in (0, 1], got {pos_iou}")
     truth = truth.sort_values(["image_id", "phrase_id"], kind="stable")
-    candidates = candidates.sort_values("image_id", kind="stable")
+    candidates = candidates.sort_values(["image_id", "region_id"], kind="stable")
     region_images = candidates["image_id"].to_numpy()
-    region_ids_all = candidates["region_id"].to_numpy()
-    region_boxes_all = candidates[BOX_COLUMNS].to_numpy(np.float64)
-    truth_images = truth["image_id"].to_numpy()
-    truth_phrases = truth["phrase_id"].to_numpy()
+    region_ids = candidates["region_id"].to_numpy(np.int64)
+    region_boxes = candidates[BOX_COLUMNS].to_numpy(np.float64)
+    truth_phrases = truth["phrase_id"].to_numpy(np.int64)
     truth_boxes = truth[BOX_COLUMNS].to_numpy(np.float64)
 
-    phrase_chunks, region_chunks, iou_chunks = [], [], []
-    for image_id, (t0, t1) in _runs(truth_images).items():
-        r0, r1 = np.searchsorted(region_images, image_id), np.searchsorted(region_images, image_id, "right")
+    columns: dict[str, list[np.ndarray]] = {"phrase_id": [], "region_id": [], "image_id": [], "iou": []}
+    for image_id, (t0, t1) in _runs(truth["image_id"].to_numpy()).items():
+        r0 = np.searchsorted(region_images, image_id, "left")
+        r1 = np.searchsorted(region_images, image_id, "right")
         if r0 == r1:
             continue
         phrase_ids = truth_phrases[t0:t1]
-        starts = np.flatnonzero(np.r_[True, phrase_ids[1:] != phrase_ids[:-1]])
-        iou = box_iou(region_boxes_all[r0:r1], truth_boxes[t0:t1])  # (regions, gt boxes)
-        best = np.maximum.reduceat(iou, starts, axis=1)  # (regions, phrases)
-        phrase_chunks.append(np.repeat(phrase_ids[starts], r1 - r0))
-        region_chunks.append(np.tile(region_ids_all[r0:r1], len(starts)))
-        iou_chunks.append(best.T.reshape(-1))
-    phrase_of_pair = np.concatenate(phrase_chunks) if phrase_chunks else np.empty(0, np.int64)
+        first_box = np.flatnonzero(np.r_[True, phrase_ids[1:] != phrase_ids[:-1]])
+        iou = box_iou(region_boxes[r0:r1], truth_boxes[t0:t1])  # (regions, boxes)
+        best = np.maximum.reduceat(iou, first_box, axis=1)  # (regions, phrases)
+        n_regions, n_phrases = best.shape
+        columns["phrase_id"].append(np.repeat(phrase_ids[first_box], n_regions))
+        columns["region_id"].append(np.tile(region_ids[r0:r1], n_phrases))
+        columns["image_id"].append(np.full(n_regions * n_phrases, image_id, dtype=object))
+        columns["iou"].append(best.T.reshape(-1))
+    dtypes = {"phrase_id": np.int64, "region_id": np.int64, "image_id": object, "iou": np.float64}
     pairs = pd.DataFrame(
         {
-            "phrase_id": phrase_of_pair.astype(np.int64),
-            "region_id": np.concatenate(region_chunks).astype(np.int64) if region_chunks else np.empty(0, np.int64),
-            "iou": np.concatenate(iou_chunks).astype(np.float32) if iou_chunks else np.empty(0, np.float32),
+            name: np.concatenate(chunks) if chunks else np.empty(0, dtypes[name])
+            for name, chunks in columns.items()
         }
     )
-    pairs.insert(2, "image_id", candidates.set_index("region_id").loc[pairs["region_id"], "image_id"].to_numpy())
+    # label before the cast to float32, so that an IoU of exactly pos_iou is a positive
     pairs["label"] = (pairs["iou"] >= pos_iou).astype(np.int8)
+    pairs["iou"] = pairs["iou"].astype(np.float32)
     return pairs.sort_values(["phrase_id", "region_id"]).reset_index(drop=True)
 
 
@@ -133,6 +135,7 @@ def pair_dataset(
         "images": len(images),
         "images_paired": int(pairs["image_id"].nunique()),
         "images_left_out_no_file": len(images) - len(present),
+        "images_left_out_no_box": len(present - set(candidates["image_id"])),
         "phrases": len(phrases),
         "phrases_paired": int(pairs["phrase_id"].nunique()),
         "phrases_left_out_no_file": int((~in_present).sum()),

@@ -46,17 +46,22 @@ def assign_splits(
             f"{val_fraction} and {test_fraction}"
         )
     rng = np.random.default_rng(seed)
-    rate = pairs.groupby("image_id")["label"].mean().reindex(paired)
-    # rank first so that ties (many images share a rate) still spread over the strata
-    stratum = np.floor(rate.rank(method="first").to_numpy() / (len(rate) + 1) * _STRATA)
-    split = pd.Series("train", index=pd.Index(paired, name="image_id"), name="split")
+    rate = pairs.groupby("image_id")["label"].mean().reindex(paired).to_numpy()
+    # Stratify by systematic sampling: shuffle the images within strata of positive rate,
+    # give each its quantile within its stratum, and deal the splits out in quantile order.
+    # Every stratum then feeds each split in proportion, and the split sizes are exact.
+    ranks = pd.Series(rate).rank(method="first").to_numpy()
+    stratum = np.floor((ranks - 1) / len(rate) * _STRATA)
+    quantile = np.empty(len(rate))
     for value in np.unique(stratum):
-        members = paired[stratum == value]
-        members = members[rng.permutation(len(members))]
-        n_test = round(len(members) * test_fraction)
-        n_val = round(len(members) * val_fraction)
-        split[members[:n_test]] = "test"
-        split[members[n_test : n_test + n_val]] = "val"
+        members = np.flatnonzero(stratum == value)
+        quantile[members] = (rng.permutation(len(members)) + rng.random()) / len(members)
+    order = np.argsort(quantile, kind="stable")
+    n_test = round(len(order) * test_fraction)
+    n_val = round(len(order) * val_fraction)
+    split = pd.Series("train", index=pd.Index(paired, name="image_id"), name="split")
+    split.iloc[order[:n_test]] = "test"
+    split.iloc[order[n_test : n_test + n_val]] = "val"
     return split
 
 

@@ -20,7 +20,7 @@ from grounding.errors import DataError
 from grounding.flickr30k import TYPES
 
 _TYPE = "|".join(TYPES)
-TYPES_PATTERN = rf"^({_TYPE})(/({_TYPE}))*$"
+TYPES_PATTERN = rf"^(?:{_TYPE})(?:/(?:{_TYPE}))*$"
 _SHOWN_ROWS = 5
 
 
@@ -77,7 +77,8 @@ def validate(table: pd.DataFrame, name: str, expectations: Sequence[Any]) -> lis
     source = context.data_sources.add_or_update_pandas(f"source_{name}")
     asset = source.add_dataframe_asset(f"asset_{name}_{len(source.assets)}")
     batch = asset.add_batch_definition_whole_dataframe("all").get_batch(
-        batch_parameters={"dataframe": table}
+        # GX reports offending rows by index label: give it positions, show the original rows
+        batch_parameters={"dataframe": table.reset_index(drop=True)}
     )
     suite = gx.ExpectationSuite(name=name, expectations=list(expectations))
     outcome = batch.validate(suite, result_format="SUMMARY")
@@ -334,3 +335,15 @@ def check_split(
             expectations.append(unique_pairs())
         checks += validate(table, f"{name}_pairs", expectations)
     return checks
+
+
+def check_predictions(predictions: pd.DataFrame) -> list[CheckResult]:
+    """Scored pairs: the pair schema plus ``score`` in [0, 1] and ``predicted`` in {0, 1}."""
+    e = _gx()
+    expectations = [
+        *pairs_suite(extra_columns=("score", "predicted")),
+        unique_pairs(),
+        e.ExpectColumnValuesToBeBetween(column="score", min_value=0, max_value=1),
+        e.ExpectColumnValuesToBeInSet(column="predicted", value_set=[0, 1]),
+    ]
+    return validate(predictions, "predictions", expectations)

@@ -1,0 +1,66 @@
+"""Box arithmetic against hand-computed values."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from grounding.boxes import IOU_THRESHOLD, box_geometry, box_iou, union_box
+
+
+def test_iou_of_identical_boxes_is_one() -> None:
+    assert box_iou(np.array([[3, 4, 10, 12]]), np.array([[3, 4, 10, 12]])) == pytest.approx(1.0)
+
+
+def test_iou_of_disjoint_and_touching_boxes_is_zero() -> None:
+    iou = box_iou(np.array([[0, 0, 2, 2]]), np.array([[5, 5, 6, 6], [2, 0, 4, 2]]))
+    assert iou.tolist() == [[0.0, 0.0]]  # the second one shares only the edge x = 2
+
+
+def test_iou_hand_values() -> None:
+    boxes1 = np.array([[0, 0, 2, 2], [0, 0, 4, 4]], dtype=np.float32)
+    boxes2 = np.array([[1, 0, 3, 2], [1, 1, 3, 3], [0, 0, 10, 7]], dtype=np.float32)
+    expected = [
+        # half overlap: intersection 2, union 4 + 4 - 2 = 6
+        [2 / 6, 1 / (4 + 4 - 1), 4 / 70],
+        # (0,0,4,4) vs (1,0,3,2): inter 4, union 16; holds (1,1,3,3): 4/16; inside 16/70
+        [4 / 16, 4 / 16, 16 / 70],
+    ]
+    iou = box_iou(boxes1, boxes2)
+    assert iou.shape == (2, 3)
+    np.testing.assert_allclose(iou, expected, rtol=1e-12)
+
+
+def test_iou_protocol_threshold_is_half() -> None:
+    assert IOU_THRESHOLD == 0.5
+    # (0,0,10,10) vs (0,0,10,5): exactly 0.5
+    assert box_iou(np.array([[0, 0, 10, 10]]), np.array([[0, 0, 10, 5]]))[0, 0] == 0.5
+
+
+def test_union_box() -> None:
+    boxes = np.array([[0, 2, 2, 3], [1, 0, 5, 4], [3, 1, 4, 6]], dtype=np.float32)
+    union = union_box(boxes)
+    assert union.tolist() == [0.0, 0.0, 5.0, 6.0]
+    assert union.dtype == np.float32
+    assert union_box(np.array([1, 2, 3, 4])).tolist() == [1, 2, 3, 4]
+
+
+def test_union_box_of_nothing_is_an_error() -> None:
+    with pytest.raises(ValueError, match="at least one box"):
+        union_box(np.empty((0, 4)))
+
+
+def test_box_geometry_hand_example() -> None:
+    boxes = np.array([[10, 20, 30, 60], [0, 0, 50, 50]])
+    geometry = box_geometry(boxes, width=np.array([100, 50]), height=np.array([200, 100]))
+    assert geometry.dtype == np.float32
+    assert geometry.shape == (2, 7)
+    np.testing.assert_allclose(
+        geometry,
+        [
+            # x1/W, y1/H, x2/W, y2/H, cx/W, cy/H, area/(W*H) = 20*40 / 20000
+            [0.1, 0.1, 0.3, 0.3, 0.2, 0.2, 0.04],
+            [0.0, 0.0, 1.0, 0.5, 0.5, 0.25, 0.5],
+        ],
+        rtol=1e-6,
+    )
