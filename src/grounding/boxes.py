@@ -11,6 +11,12 @@ import numpy as np
 import torch
 from torchvision.ops import box_iou as _torch_box_iou
 
+#: The columns that hold a box in every table.
+BOX_COLUMNS: list[str] = ["x1", "y1", "x2", "y2"]
+
+#: Columns of :func:`box_geometry`.
+GEOMETRY_COLUMNS: tuple[str, ...] = ("x1", "y1", "x2", "y2", "centre_x", "centre_y", "area")
+
 #: The protocol's threshold: a box "finds" a phrase at IoU >= 0.5 with its ground truth.
 IOU_THRESHOLD = 0.5
 

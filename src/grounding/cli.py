@@ -32,7 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the synthetic sample dataset in the Flickr30k Entities layout",
         description="Write the synthetic sample (images, Annotations/, Sentences/, split lists).",
     )
-    sample.add_argument("--out", type=Path, default=Path("data/sample"), help="folder; an earlier sample there is replaced")
+    sample.add_argument(
+        "--out",
+        type=Path,
+        default=Path("data/sample"),
+        help="folder; an earlier sample there is replaced",
+    )
     sample.add_argument("--seed", type=int, default=0, help="random seed")
     sample.add_argument("--images", type=int, default=300, help="number of images")
     sample.set_defaults(handler=_sample)

@@ -48,6 +48,8 @@ class PathParams:
     parsed: Path
     pairs: Path
     split: Path
+    features: Path
+    model: Path
     reports: Path
 
 
@@ -72,12 +74,48 @@ class SplitParams:
 
 
 @dataclass(frozen=True)
+class FeaturesParams:
+    """``backbone``: a packaged backbone name, or a torchvision architecture whose local
+    checkpoint is ``backbone_weights``; ``text_encoder``: the packaged encoder's name or a
+    local Hugging Face model folder."""
+
+    backbone: str
+    backbone_weights: Path | None
+    text_encoder: str
+    image_size: int
+    batch_size: int
+    text_batch_size: int
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    pos_weight: float
+    rank_weight: float
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    weight_decay: float
+    hidden: int
+    dropout: float
+    seed: int
+
+
+@dataclass(frozen=True)
+class ReportParams:
+    gallery_examples: int
+    seed: int
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataParams
     paths: PathParams
     parse: ParseParams
     pair: PairParams
     split: SplitParams
+    features: FeaturesParams
+    train: TrainParams
+    report: ReportParams
 
 
 def _cast(value: Any, annotation: Any, key: str) -> Any:

@@ -227,18 +227,17 @@ def parse_caption(line: str, source: str, line_number: int) -> Caption:
             current, first_word = [], len(words)
             continue
         if current is not None and token.startswith("[/EN#"):
-            raise FormatError(source, "unbalanced brackets: phrase opened inside a phrase", line_number)
-        if current is None and token.endswith("]"):
-            raise FormatError(source, f"unbalanced brackets: stray ']' in {token!r}", line_number)
+            raise FormatError(
+                source, "unbalanced brackets: phrase opened inside a phrase", line_number
+            )
         closes = current is not None and token.endswith("]")
         word = token[:-1] if closes else token
         if "]" in word:
             raise FormatError(source, f"unbalanced brackets: stray ']' in {token!r}", line_number)
-        if current is not None:
-            if word:
-                current.append(word)
         if word:
             words.append(word)
+            if current is not None:
+                current.append(word)
         if closes:
             assert current is not None
             if not current:

@@ -38,6 +38,9 @@ def _atomic(path: Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs are ordinary files
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -217,7 +220,9 @@ def list_image_ids(images: Path) -> set[str]:
     """Ids of the ``<id>.jpg`` files in ``images`` (empty if the folder does not exist)."""
     if not images.is_dir():
         return set()
-    return {name[: -len(IMAGE_SUFFIX)] for name in os.listdir(images) if name.endswith(IMAGE_SUFFIX)}
+    return {
+        name[: -len(IMAGE_SUFFIX)] for name in os.listdir(images) if name.endswith(IMAGE_SUFFIX)
+    }
 
 
 def image_path(images: Path, image_id: str) -> Path:
@@ -245,16 +250,27 @@ PHRASE_ROWS = "phrase_rows.parquet"
 FEATURES_META = "features.json"
 
 
+@contextmanager
+def region_features_writer(folder: Path, shape: tuple[int, int]) -> Iterator[np.ndarray]:
+    """A memory-mapped float32 array ``shape`` to fill with region features (row =
+    ``region_id``); it becomes ``<folder>/regions.npy`` only if the block succeeds, so the
+    features of a large dataset never have to fit in memory at once."""
+    with _atomic(folder / REGION_FEATURES) as tmp:
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+        yield array
+        array.flush()
+        del array
+
+
 def write_features(
     folder: Path,
-    regions: np.ndarray,
     phrases: np.ndarray,
     phrase_rows: pd.DataFrame,
     meta: Mapping[str, Any],
 ) -> None:
-    """Region features (row = ``region_id``), phrase embeddings, ``phrase_id -> row`` and
-    what made them (``meta``: backbone, text encoder, sizes)."""
-    write_array(regions, folder / REGION_FEATURES)
+    """Phrase embeddings, ``phrase_id -> row`` and what made the features (``meta``:
+    backbone, text encoder, sizes); the region features come from
+    :func:`region_features_writer`."""
     write_array(phrases, folder / PHRASE_FEATURES)
     write_table(phrase_rows, folder / PHRASE_ROWS)
     write_json(dict(meta), folder / FEATURES_META)
@@ -285,5 +301,11 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         raise DataError(f"{path}: no model here; train one with `dvc repro train`")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
+    except (
+        RuntimeError,
+        EOFError,
+        ValueError,
+        pickle.UnpicklingError,
+        zipfile.BadZipFile,
+    ) as error:
         raise DataError(f"{path}: not a model checkpoint of this project ({error})") from None

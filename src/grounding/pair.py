@@ -19,10 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from grounding.boxes import box_iou
+from grounding.boxes import BOX_COLUMNS, box_iou
 from grounding.flickr30k import NOT_VISUAL_CHAIN
 
-BOX_COLUMNS = ["x1", "y1", "x2", "y2"]
 PAIR_TABLES: tuple[str, ...] = ("candidates", "phrases", "ground_truth", "pairs")
 
 
@@ -85,7 +84,12 @@ def build_pairs(candidates: pd.DataFrame, truth: pd.DataFrame, *, pos_iou: float
     truth_phrases = truth["phrase_id"].to_numpy(np.int64)
     truth_boxes = truth[BOX_COLUMNS].to_numpy(np.float64)
 
-    columns: dict[str, list[np.ndarray]] = {"phrase_id": [], "region_id": [], "image_id": [], "iou": []}
+    columns: dict[str, list[np.ndarray]] = {
+        "phrase_id": [],
+        "region_id": [],
+        "image_id": [],
+        "iou": [],
+    }
     for image_id, (t0, t1) in _runs(truth["image_id"].to_numpy()).items():
         r0 = np.searchsorted(region_images, image_id, "left")
         r1 = np.searchsorted(region_images, image_id, "right")
@@ -142,7 +146,9 @@ def pair_dataset(
         "phrases_left_out_not_visual": int((lost["chain_id"] == NOT_VISUAL_CHAIN).sum()),
         "phrases_left_out_no_box": int((lost["chain_id"] != NOT_VISUAL_CHAIN).sum()),
         "candidates": len(candidates),
-        "candidates_per_image": round(len(candidates) / max(candidates["image_id"].nunique(), 1), 3),
+        "candidates_per_image": round(
+            len(candidates) / max(candidates["image_id"].nunique(), 1), 3
+        ),
         "pairs": len(pairs),
         "positives": int(pairs["label"].sum()),
         "positive_share": round(float(pairs["label"].mean()) if len(pairs) else 0.0, 4),

@@ -246,4 +246,3 @@ def parse_dataset(
 def read_split_list(text: str, split: str, source: str) -> SplitList:
     """A split list file's text (one image id per line) as a :class:`SplitList`."""
     return SplitList(split, source, [line.strip() for line in text.splitlines() if line.strip()])
-

@@ -40,7 +40,7 @@ def assign_splits(
         return official.reindex(paired).fillna(NO_SPLIT).rename("split")
     if strategy != "random":
         raise ValueError(f"unknown split strategy {strategy!r}")
-    if not (0 <= val_fraction and 0 <= test_fraction and val_fraction + test_fraction < 1):
+    if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
         raise ValueError(
             f"val_fraction and test_fraction must be >= 0 with a sum below 1, got "
             f"{val_fraction} and {test_fraction}"

@@ -210,7 +210,12 @@ def phrases_suite() -> list[Any]:
 def boxes_suite() -> list[Any]:
     """On boxes joined with their image's ``width, height``."""
     columns = ["image_id", "box_id", "x1", "y1", "x2", "y2", "width", "height"]
-    return [*_schema(columns), *_not_null(columns), _unique("image_id", "box_id"), *_boxes_inside_image()]
+    return [
+        *_schema(columns),
+        *_not_null(columns),
+        _unique("image_id", "box_id"),
+        *_boxes_inside_image(),
+    ]
 
 
 def chain_boxes_suite() -> list[Any]:
@@ -301,9 +306,7 @@ def check_parsed(tables: dict[str, pd.DataFrame]) -> list[CheckResult]:
 def check_paired(tables: dict[str, pd.DataFrame], images: pd.DataFrame) -> list[CheckResult]:
     """The suites of every table of :mod:`grounding.pair`."""
     return [
-        *validate(
-            _with_image_size(tables["candidates"], images), "candidates", candidates_suite()
-        ),
+        *validate(_with_image_size(tables["candidates"], images), "candidates", candidates_suite()),
         *validate(tables["phrases"], "phrases", phrases_suite()),
         *validate(
             _with_image_size(tables["ground_truth"], images), "ground_truth", ground_truth_suite()
@@ -319,7 +322,10 @@ def check_split(
     and the training positive share as configured (or the natural share where that is
     already higher: balancing never drops negatives)."""
     images = pd.concat(
-        [table[["image_id"]].drop_duplicates().assign(split=name) for name, table in tables.items()],
+        [
+            table[["image_id"]].drop_duplicates().assign(split=name)
+            for name, table in tables.items()
+        ],
         ignore_index=True,
     )
     tolerance = 0.005
@@ -347,3 +353,59 @@ def check_predictions(predictions: pd.DataFrame) -> list[CheckResult]:
         e.ExpectColumnValuesToBeInSet(column="predicted", value_set=[0, 1]),
     ]
     return validate(predictions, "predictions", expectations)
+
+
+def check_features(
+    regions: np.ndarray,
+    embeddings: np.ndarray,
+    phrase_rows: pd.DataFrame,
+    candidates: pd.DataFrame,
+    phrases: pd.DataFrame,
+) -> list[CheckResult]:
+    """Features: one finite, non-zero row per candidate (row = ``region_id``); one finite unit
+    embedding per distinct phrase; every paired phrase mapped to an existing embedding row."""
+    e = _gx()
+    region_stats = pd.DataFrame(
+        {
+            "region_id": candidates["region_id"].to_numpy(),
+            "finite": np.isfinite(regions[candidates["region_id"].to_numpy()]).all(axis=1),
+            "norm": np.linalg.norm(np.nan_to_num(regions[candidates["region_id"].to_numpy()]), axis=1),
+        }
+    )
+    embedding_stats = pd.DataFrame(
+        {
+            "finite": np.isfinite(embeddings).all(axis=1),
+            "norm": np.linalg.norm(np.nan_to_num(embeddings), axis=1),
+        }
+    )
+    return [
+        *validate(
+            region_stats,
+            "region_features",
+            [
+                e.ExpectTableRowCountToEqual(value=len(regions)),
+                _unique("region_id"),
+                e.ExpectColumnValuesToBeBetween(column="region_id", min_value=0, max_value=len(regions) - 1),
+                e.ExpectColumnValuesToBeInSet(column="finite", value_set=[True]),
+                e.ExpectColumnValuesToBeBetween(column="norm", min_value=1e-6, strict_min=True),
+            ],
+        ),
+        *validate(
+            embedding_stats,
+            "phrase_embeddings",
+            [
+                e.ExpectColumnValuesToBeInSet(column="finite", value_set=[True]),
+                e.ExpectColumnValuesToBeBetween(column="norm", min_value=0.999, max_value=1.001),
+            ],
+        ),
+        *validate(
+            phrase_rows,
+            "phrase_rows",
+            [
+                *_schema(["phrase_id", "row"]),
+                e.ExpectTableRowCountToEqual(value=len(phrases)),
+                _unique("phrase_id"),
+                e.ExpectColumnValuesToBeBetween(column="row", min_value=0, max_value=len(embeddings) - 1),
+            ],
+        ),
+    ]

@@ -1,0 +1,127 @@
+"""MLflow: one run per pipeline run, logged by the report stage.
+
+The run holds the flattened ``params.yaml``, the per-epoch training history, the final metrics
+(the same numbers as ``reports/metrics.json``), the model and the report's files, and is tagged
+with the git commit and the DVC experiment name, so that runs can be compared in ``mlflow ui``.
+
+The store defaults to ``sqlite:///<repo>/mlflow.db``; ``MLFLOW_TRACKING_URI`` overrides it.
+Queued DVC experiments run in copies of the repository, so ``<repo>`` is ``DVC_ROOT`` (the
+original checkout) when DVC sets it. Writers take a file lock: two processes creating the
+same fresh SQLite store at once fail otherwise.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import math
+import os
+import subprocess
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+EXPERIMENT = "phrase-grounding"
+MODEL_NAME = "model"
+
+
+def repo_root() -> Path:
+    """The repository the pipeline belongs to (``DVC_ROOT`` under ``dvc exp run``)."""
+    return Path(os.environ.get("DVC_ROOT", ".")).resolve()
+
+
+def tracking_uri(root: Path) -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else the SQLite store ``<root>/mlflow.db``."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
+
+
+def run_tags(root: Path) -> dict[str, str]:
+    """The git commit of ``root`` and the DVC experiment (``workspace`` outside one)."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return {
+        "mlflow.source.git.commit": commit,
+        "git_commit": commit,
+        "dvc_experiment": os.environ.get("DVC_EXP_NAME", "workspace"),
+        "dvc_baseline": os.environ.get("DVC_EXP_BASELINE_REV", commit),
+    }
+
+
+@contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """Hold an exclusive lock beside a SQLite store while writing to it."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    database = Path(uri.removeprefix("sqlite:///"))
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{database}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def numeric_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """Flatten nested metrics to ``{"a.b": float}``, keeping numbers only."""
+    flat: dict[str, float] = {}
+    for name, value in metrics.items():
+        key = f"{prefix}{name}"
+        if isinstance(value, Mapping):
+            flat.update(numeric_metrics(value, f"{key}."))
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            flat[key] = float(value)
+    return flat
+
+
+def log_pipeline_run(
+    *,
+    uri: str,
+    params: Mapping[str, Any],
+    history: pd.DataFrame,
+    metrics: Mapping[str, Any],
+    model: Any,
+    artifacts: Sequence[Path],
+    tags: Mapping[str, str],
+    run_name: str | None = None,
+) -> str:
+    """Log one pipeline run; returns its run id.
+
+    ``params`` are already flat (``train.pos_weight``); ``history`` has an ``epoch`` column
+    and one column per metric; ``model`` is a ``torch.nn.Module``.
+    """
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow
+    import mlflow.pytorch
+
+    with _store_lock(uri):
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment(EXPERIMENT)
+        with mlflow.start_run(run_name=run_name, tags=dict(tags)) as run:
+            mlflow.log_params({key: _param(value) for key, value in params.items()})
+            for row in history.to_dict("records"):
+                epoch = int(row.pop("epoch"))
+                mlflow.log_metrics({k: float(v) for k, v in row.items()}, step=epoch)
+            mlflow.log_metrics(
+                {k: v for k, v in numeric_metrics(metrics).items() if math.isfinite(v)}
+            )
+            for path in artifacts:
+                mlflow.log_artifact(str(path))
+            mlflow.pytorch.log_model(
+                model,
+                name=MODEL_NAME,
+                serialization_format="pickle",
+                pip_requirements=["torch", "grounding"],
+            )
+            return run.info.run_id
+
+
+def _param(value: Any) -> str:
+    return str(value)

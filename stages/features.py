@@ -1,0 +1,76 @@
+"""features: region features of every candidate and an embedding of every paired phrase."""
+
+from __future__ import annotations
+
+import argparse
+from functools import partial
+from pathlib import Path
+
+from tqdm import tqdm
+
+from grounding import io, validation
+from grounding.boxes import GEOMETRY_COLUMNS
+from grounding.config import load_params
+from grounding.errors import run
+from grounding.features import (
+    candidate_features,
+    distinct_phrases,
+    encode_phrases,
+    load_backbone,
+    load_text_encoder,
+)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file")
+    parser.add_argument("--parsed", type=Path, required=True, help="folder of parse's tables")
+    parser.add_argument("--pairs", type=Path, required=True, help="folder of pair's tables")
+    parser.add_argument("--out", type=Path, required=True, help="folder of the features")
+    parser.add_argument("--validation", type=Path, required=True, help="checks run (JSON)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    params = load_params(args.params)
+    cfg = params.features
+    candidates = io.read_table(args.pairs / "candidates.parquet")
+    phrases = io.read_table(args.pairs / "phrases.parquet")
+    images = io.read_table(args.parsed / "images.parquet")
+    backbone = load_backbone(cfg.backbone, cfg.backbone_weights)
+    texts, phrase_rows = distinct_phrases(phrases)
+    encoder = load_text_encoder(cfg.text_encoder)
+
+    shape = (len(candidates), backbone.channels + len(GEOMETRY_COLUMNS))
+    with io.region_features_writer(args.out, shape) as regions:
+        per_image = candidate_features(
+            backbone,
+            candidates,
+            images,
+            partial(io.load_image, params.data.images_dir),
+            image_size=cfg.image_size,
+            batch_size=cfg.batch_size,
+        )
+        n_images = candidates["image_id"].nunique()
+        for region_ids, vectors in tqdm(per_image, total=n_images, desc="features", unit="image"):
+            regions[region_ids] = vectors
+        embeddings = encode_phrases(encoder, texts, batch_size=cfg.text_batch_size)
+        checks = validation.check_features(regions, embeddings, phrase_rows, candidates, phrases)
+    meta = {
+        "backbone": cfg.backbone,
+        "backbone_weights": str(cfg.backbone_weights) if cfg.backbone_weights else None,
+        "text_encoder": cfg.text_encoder,
+        "image_size": cfg.image_size,
+        "region_dim": shape[1],
+        "phrase_dim": int(embeddings.shape[1]),
+        "regions": shape[0],
+        "phrases": len(phrase_rows),
+    }
+    io.write_features(args.out, embeddings, phrase_rows, meta)
+    io.write_json(validation.report(checks), args.validation)
+    print(", ".join(f"{name} {value}" for name, value in meta.items()))
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,49 @@
+"""sweep: choose the decision threshold that maximises F1 on the validation pairs."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from grounding import io, plots
+from grounding.errors import run
+from grounding.metrics import best_threshold, pair_scores, thin, threshold_sweep
+from grounding.model import PairFeatures, head_from_state, score_pairs
+
+PLOT_POINTS = 400
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--split", type=Path, required=True, help="folder of split's pairs")
+    parser.add_argument("--features", type=Path, required=True, help="folder of the features")
+    parser.add_argument("--model", type=Path, required=True, help="model checkpoint")
+    parser.add_argument("--summary", type=Path, required=True, help="chosen threshold (JSON)")
+    parser.add_argument("--curve", type=Path, required=True, help="sweep curve (CSV)")
+    parser.add_argument("--plot", type=Path, required=True, help="sweep curve (PNG)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    model = head_from_state(io.read_checkpoint(args.model))
+    *arrays, _ = io.read_features(args.features)
+    pairs = io.read_table(args.split / "val.parquet")
+    scores = score_pairs(model, PairFeatures.from_arrays(*arrays), pairs)
+    sweep = threshold_sweep(pairs["label"].to_numpy(), scores)
+    threshold = best_threshold(sweep)
+    best = pair_scores(pairs["label"].to_numpy(), scores, threshold)
+    summary = {
+        "threshold": threshold,
+        "val_f1": best.f1,
+        "val_precision": best.precision,
+        "val_recall": best.recall,
+    }
+    io.write_json(summary, args.summary)
+    io.write_csv(thin(sweep, PLOT_POINTS), args.curve)
+    io.write_png(plots.threshold_sweep(sweep, threshold), args.plot)
+    print(", ".join(f"{name} {value:.4f}" for name, value in summary.items()))
+
+
+if __name__ == "__main__":
+    run(main)

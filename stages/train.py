@@ -1,0 +1,50 @@
+"""train: fit the matching head on the balanced training pairs, watching validation."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict
+from pathlib import Path
+
+from tqdm import tqdm
+
+from grounding import io, plots
+from grounding.config import load_params
+from grounding.errors import run
+from grounding.model import PairFeatures, head_state
+from grounding.train import train_head
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file")
+    parser.add_argument("--split", type=Path, required=True, help="folder of split's pairs")
+    parser.add_argument("--features", type=Path, required=True, help="folder of the features")
+    parser.add_argument("--model", type=Path, required=True, help="model checkpoint to write")
+    parser.add_argument("--summary", type=Path, required=True, help="last epoch (JSON)")
+    parser.add_argument("--history", type=Path, required=True, help="per-epoch metrics (CSV)")
+    parser.add_argument("--plot", type=Path, required=True, help="training curves (PNG)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    params = load_params(args.params).train
+    *arrays, meta = io.read_features(args.features)
+    features = PairFeatures.from_arrays(*arrays)
+    pairs = {name: io.read_table(args.split / f"{name}.parquet") for name in ("train", "val")}
+    with tqdm(total=params.epochs, desc="train", unit="epoch") as bar:
+
+        def show(row: dict[str, float]) -> None:
+            bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_r1=f"{row['val_recall_at_1']:.3f}")
+            bar.update()
+
+        result = train_head(features, pairs["train"], pairs["val"], **asdict(params), on_epoch=show)
+    io.write_checkpoint({**head_state(result.model), "features": meta}, args.model)
+    io.write_csv(result.history, args.history)
+    io.write_json(result.history.iloc[-1].to_dict(), args.summary)
+    io.write_png(plots.training_curves(result.history), args.plot)
+
+
+if __name__ == "__main__":
+    run(main)
