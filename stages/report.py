@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         root = tracking.repo_root()
         run_id = tracking.log_pipeline_run(
             uri=tracking.tracking_uri(root),
+            artifacts_at=tracking.artifact_location(root),
             params=flatten(asdict(params)),
             history=io.read_csv(args.history),
             metrics=metrics,

@@ -6,6 +6,7 @@ import argparse
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from grounding import io, plots
@@ -33,13 +34,15 @@ def main(argv: list[str] | None = None) -> None:
     *arrays, meta = io.read_features(args.features)
     features = PairFeatures.from_arrays(*arrays)
     pairs = {name: io.read_table(args.split / f"{name}.parquet") for name in ("train", "val")}
+    settings = asdict(params)
+    torch.set_num_threads(settings.pop("threads"))
     with tqdm(total=params.epochs, desc="train", unit="epoch") as bar:
 
         def show(row: dict[str, float]) -> None:
             bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_r1=f"{row['val_recall_at_1']:.3f}")
             bar.update()
 
-        result = train_head(features, pairs["train"], pairs["val"], **asdict(params), on_epoch=show)
+        result = train_head(features, pairs["train"], pairs["val"], **settings, on_epoch=show)
     io.write_checkpoint({**head_state(result.model), "features": meta}, args.model)
     io.write_csv(result.history, args.history)
     io.write_json(result.history.iloc[-1].to_dict(), args.summary)

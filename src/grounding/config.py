@@ -98,6 +98,7 @@ class TrainParams:
     hidden: int
     dropout: float
     seed: int
+    threads: int
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,13 @@ def tracking_uri(root: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
 
 
+def artifact_location(root: Path) -> str:
+    """Where a new experiment keeps its artifacts: ``<root>/mlruns``. MLflow would otherwise
+    resolve ``./mlruns`` against the working directory, which for a queued DVC experiment is
+    a temporary copy deleted after the run."""
+    return (root / "mlruns").as_uri()
+
+
 def run_tags(root: Path) -> dict[str, str]:
     """The git commit of ``root`` and the DVC experiment (``workspace`` outside one)."""
     try:
@@ -84,16 +91,17 @@ def numeric_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, f
 def log_pipeline_run(
     *,
     uri: str,
+    artifacts_at: str,
     params: Mapping[str, Any],
     history: pd.DataFrame,
     metrics: Mapping[str, Any],
     model: Any,
     artifacts: Sequence[Path],
     tags: Mapping[str, str],
-    run_name: str | None = None,
 ) -> str:
     """Log one pipeline run; returns its run id.
 
+    ``artifacts_at`` is the artifact location given to the experiment if this creates it;
     ``params`` are already flat (``train.pos_weight``); ``history`` has an ``epoch`` column
     and one column per metric; ``model`` is a ``torch.nn.Module``.
     """
@@ -103,8 +111,18 @@ def log_pipeline_run(
 
     with _store_lock(uri):
         mlflow.set_tracking_uri(uri)
-        mlflow.set_experiment(EXPERIMENT)
-        with mlflow.start_run(run_name=run_name, tags=dict(tags)) as run:
+        experiment = mlflow.get_experiment_by_name(EXPERIMENT)
+        experiment_id = (
+            experiment.experiment_id
+            if experiment is not None
+            else mlflow.create_experiment(EXPERIMENT, artifact_location=artifacts_at)
+        )
+        with mlflow.start_run(
+            # named after the DVC experiment when there is one; MLflow names the others
+            experiment_id=experiment_id,
+            run_name=os.environ.get("DVC_EXP_NAME"),
+            tags=dict(tags),
+        ) as run:
             mlflow.log_params({key: _param(value) for key, value in params.items()})
             for row in history.to_dict("records"):
                 epoch = int(row.pop("epoch"))

@@ -158,14 +158,17 @@ def _group_loss(
     chosen = order[step * per_step : (step + 1) * per_step]
     if len(chosen) == 0:
         return torch.zeros(())
-    n, width = groups.regions[chosen].shape
+    regions, valid = groups.regions[chosen], groups.valid[chosen]
+    # score the real candidates only (padding is most of a padded batch), then lay them out
+    rows, columns = np.nonzero(valid)
     region_features, phrase_features = features.gather(
-        groups.regions[chosen].reshape(-1), np.repeat(groups.phrases[chosen], width)
+        regions[rows, columns], groups.phrases[chosen][rows]
     )
-    logits = model(region_features, phrase_features).reshape(n, width)
-    return listwise_loss(
-        logits, torch.from_numpy(groups.labels[chosen]), torch.from_numpy(groups.valid[chosen])
+    scores = model(region_features, phrase_features)
+    logits = torch.zeros(valid.shape).index_put(
+        (torch.from_numpy(rows), torch.from_numpy(columns)), scores
     )
+    return listwise_loss(logits, torch.from_numpy(groups.labels[chosen]), torch.from_numpy(valid))
 
 
 def _validation_scores(
