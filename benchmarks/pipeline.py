@@ -11,16 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-COPIED = ["dvc.yaml", "params.yaml", "stages", "src", "data/sample", ".dvcignore"]
+from scratch_repo import REPO, commit, run, scratch_repo
+
 REAL_IMAGES = REPO.parent / "shared" / "flickr30k_entities" / "images"
 
 
@@ -36,45 +32,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _timed(args: list[str], cwd: Path, env: dict[str, str]) -> float:
+def _timed(args: list[str], work: Path, env: dict[str, str]) -> float:
     start = time.perf_counter()
-    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        sys.exit(f"{' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
+    run(args, work, env)
     return time.perf_counter() - start
 
 
 def pipeline_times(work: Path) -> dict[str, float]:
-    for name in COPIED:
-        source, target = REPO / name, work / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if source.is_dir():
-            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(source, target)
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "GIT_AUTHOR_NAME": "bench",
-        "GIT_AUTHOR_EMAIL": "b@b",
-        "GIT_COMMITTER_NAME": "bench",
-        "GIT_COMMITTER_EMAIL": "b@b",
-    }
-    for args in (
-        ["git", "init", "-q"],
-        ["dvc", "init", "-q"],
-        ["dvc", "config", "core.analytics", "false"],
-        ["git", "add", "-A"],
-        ["git", "commit", "-qm", "bench"],
-    ):
-        _timed(args, work, env)
+    """Seconds for a full `dvc repro`, the pos_weight experiment and a no-op `dvc repro`."""
+    env = scratch_repo(work)
     times = {"full_repro_s": _timed(["dvc", "repro"], work, env)}
-    for args in (["git", "add", "-A"], ["git", "commit", "-qm", "lock"]):
-        _timed(args, work, env)
-    times["pos_weight_experiment_s"] = _timed(
-        ["dvc", "exp", "run", "-S", "train.pos_weight=3"], work, env
-    )
+    commit(work, env, "lock")
+    experiment = ["dvc", "exp", "run", "-S", "train.pos_weight=3"]
+    times["pos_weight_experiment_s"] = _timed(experiment, work, env)
     times["noop_repro_s"] = _timed(["dvc", "repro"], work, env)
     times["experiment_share_of_full"] = times["pos_weight_experiment_s"] / times["full_repro_s"]
     return times

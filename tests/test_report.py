@@ -69,9 +69,7 @@ def test_top_predictions_and_examples(predictions: pd.DataFrame) -> None:
     assert top.set_index("phrase_id")["found"].to_dict() == {1: True, 2: False, 3: True}
     chosen = report.choose_examples(top, per_kind=1, seed=0)
     assert chosen["found"].tolist() == [True, False]
-    candidates = pd.DataFrame(
-        {"region_id": range(6), "x1": 0.0, "y1": 0.0, "x2": 5.0, "y2": 5.0}
-    )
+    candidates = pd.DataFrame({"region_id": range(6), "x1": 0.0, "y1": 0.0, "x2": 5.0, "y2": 5.0})
     truth = pd.DataFrame({"phrase_id": [1, 2, 3], "x1": 1.0, "y1": 1.0, "x2": 4.0, "y2": 4.0})
     examples = report.gallery_examples(
         chosen, candidates, truth, PHRASES, lambda image_id: Image.new("RGB", (8, 8))

@@ -391,13 +391,16 @@ def candidate_features(
     *,
     image_size: int,
     batch_size: int,
+    context: bool = False,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """The features of every candidate region, one image at a time.
 
     ``candidates`` has ``region_id, image_id, x1, y1, x2, y2``; ``images`` has ``image_id,
     width, height`` (the annotated size, which the loaded image must have). Yields, per image,
     ``region_ids (N_i,)`` and ``features (N_i, backbone.channels + len(GEOMETRY_COLUMNS))``:
-    the pooled visual features, then the box geometry relative to the image.
+    the pooled visual features, then the box geometry relative to the image. With
+    ``context``, the features of the whole image (the same for every region of an image)
+    come between the two: ``(N_i, 2 * backbone.channels + len(GEOMETRY_COLUMNS))``.
     """
     from grounding.boxes import BOX_COLUMNS, box_geometry
 
@@ -419,11 +422,19 @@ def candidate_features(
             )
         return image
 
-    items = ((load(image_id), boxes) for image_id, _, boxes in groups)
+    def whole_image(image_id: str) -> np.ndarray:
+        return np.array([[0, 0, *sizes.loc[image_id]]], dtype=np.float32)
+
+    items = (
+        (load(image_id), np.concatenate([boxes, whole_image(image_id)]) if context else boxes)
+        for image_id, _, boxes in groups
+    )
     visual = extract_region_features(backbone, items, image_size=image_size, batch_size=batch_size)
     for (image_id, region_ids, boxes), vectors in zip(groups, visual, strict=True):
         width, height = sizes.loc[image_id]
         geometry = box_geometry(boxes, np.full(len(boxes), width), np.full(len(boxes), height))
+        if context:
+            vectors = np.concatenate([vectors[:-1], np.repeat(vectors[-1:], len(boxes), 0)], 1)
         yield region_ids, np.concatenate([vectors, geometry], axis=1)
 
 

@@ -9,6 +9,7 @@ import pandas as pd
 from PIL import Image
 from sklearn.metrics import precision_recall_curve, roc_auc_score
 
+from grounding.boxes import BOX_COLUMNS
 from grounding.metrics import (
     pair_scores,
     phrase_ranks,
@@ -16,7 +17,6 @@ from grounding.metrics import (
     recall_summary,
     thin,
 )
-from grounding.boxes import BOX_COLUMNS
 from grounding.plots import Example
 
 RECALL_KS: tuple[int, ...] = (1, 5, 10)

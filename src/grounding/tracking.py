@@ -123,7 +123,7 @@ def log_pipeline_run(
             run_name=os.environ.get("DVC_EXP_NAME"),
             tags=dict(tags),
         ) as run:
-            mlflow.log_params({key: _param(value) for key, value in params.items()})
+            mlflow.log_params({key: str(value) for key, value in params.items()})
             for row in history.to_dict("records"):
                 epoch = int(row.pop("epoch"))
                 mlflow.log_metrics({k: float(v) for k, v in row.items()}, step=epoch)
@@ -139,7 +139,3 @@ def log_pipeline_run(
                 pip_requirements=["torch", "grounding"],
             )
             return run.info.run_id
-
-
-def _param(value: Any) -> str:
-    return str(value)

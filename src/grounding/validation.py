@@ -362,36 +362,22 @@ def check_features(
     candidates: pd.DataFrame,
     phrases: pd.DataFrame,
 ) -> list[CheckResult]:
-    """Features: one finite, non-zero row per candidate (row = ``region_id``); one finite unit
-    embedding per distinct phrase; every paired phrase mapped to an existing embedding row."""
+    """Features: one finite, non-zero row per candidate (row = ``region_id``, which
+    :mod:`grounding.pair` numbers from 0); one finite unit embedding per distinct phrase;
+    every paired phrase mapped to an existing embedding row."""
     e = _gx()
-    region_stats = pd.DataFrame(
-        {
-            "region_id": candidates["region_id"].to_numpy(),
-            "finite": np.isfinite(regions[candidates["region_id"].to_numpy()]).all(axis=1),
-            "norm": np.linalg.norm(np.nan_to_num(regions[candidates["region_id"].to_numpy()]), axis=1),
-        }
-    )
-    embedding_stats = pd.DataFrame(
-        {
-            "finite": np.isfinite(embeddings).all(axis=1),
-            "norm": np.linalg.norm(np.nan_to_num(embeddings), axis=1),
-        }
-    )
     return [
         *validate(
-            region_stats,
+            _row_stats(regions),
             "region_features",
             [
-                e.ExpectTableRowCountToEqual(value=len(regions)),
-                _unique("region_id"),
-                e.ExpectColumnValuesToBeBetween(column="region_id", min_value=0, max_value=len(regions) - 1),
+                e.ExpectTableRowCountToEqual(value=len(candidates)),
                 e.ExpectColumnValuesToBeInSet(column="finite", value_set=[True]),
                 e.ExpectColumnValuesToBeBetween(column="norm", min_value=1e-6, strict_min=True),
             ],
         ),
         *validate(
-            embedding_stats,
+            _row_stats(embeddings),
             "phrase_embeddings",
             [
                 e.ExpectColumnValuesToBeInSet(column="finite", value_set=[True]),
@@ -405,7 +391,21 @@ def check_features(
                 *_schema(["phrase_id", "row"]),
                 e.ExpectTableRowCountToEqual(value=len(phrases)),
                 _unique("phrase_id"),
-                e.ExpectColumnValuesToBeBetween(column="row", min_value=0, max_value=len(embeddings) - 1),
+                e.ExpectColumnValuesToBeBetween(
+                    column="row", min_value=0, max_value=len(embeddings) - 1
+                ),
             ],
         ),
     ]
+
+
+def _row_stats(array: np.ndarray, chunk: int = 65_536) -> pd.DataFrame:
+    """``finite`` and ``norm`` of each row, read in chunks (``array`` may be memory-mapped)."""
+    finite, norm = [], []
+    for start in range(0, len(array), chunk):
+        rows = np.asarray(array[start : start + chunk], dtype=np.float64)
+        finite.append(np.isfinite(rows).all(axis=1))
+        norm.append(np.linalg.norm(np.nan_to_num(rows), axis=1))
+    if not finite:
+        return pd.DataFrame({"finite": np.empty(0, bool), "norm": np.empty(0)})
+    return pd.DataFrame({"finite": np.concatenate(finite), "norm": np.concatenate(norm)})
