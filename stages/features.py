@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from grounding import io, validation
 from grounding.boxes import GEOMETRY_COLUMNS
-from grounding.config import load_params
+from grounding.config import ConfigError, load_params
 from grounding.errors import run
 from grounding.features import (
     candidate_features,
@@ -38,9 +38,12 @@ def main(argv: list[str] | None = None) -> None:
     candidates = io.read_table(args.pairs / "candidates.parquet")
     phrases = io.read_table(args.pairs / "phrases.parquet")
     images = io.read_table(args.parsed / "images.parquet")
-    backbone = load_backbone(cfg.backbone, cfg.backbone_weights)
+    try:
+        backbone = load_backbone(cfg.backbone, cfg.backbone_weights)
+        encoder = load_text_encoder(cfg.text_encoder)
+    except ValueError as error:  # an unknown model name or a weights file that does not fit
+        raise ConfigError(f"features: {error}") from None
     texts, phrase_rows = distinct_phrases(phrases)
-    encoder = load_text_encoder(cfg.text_encoder)
 
     shape = (len(candidates), backbone.channels + len(GEOMETRY_COLUMNS))
     with io.region_features_writer(args.out, shape) as regions:

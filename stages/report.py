@@ -11,7 +11,7 @@ from pathlib import Path
 from grounding import io, plots, report, tracking, validation
 from grounding.config import flatten, load_params
 from grounding.errors import run
-from grounding.model import PairFeatures, head_from_state, score_pairs
+from grounding.model import PairFeatures, check_trained_on, head_from_state, score_pairs
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -40,8 +40,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     params = load_params(args.params)
-    model = head_from_state(io.read_checkpoint(args.model))
-    *arrays, _ = io.read_features(args.features)
+    checkpoint = io.read_checkpoint(args.model)
+    *arrays, features_meta = io.read_features(args.features)
+    check_trained_on(checkpoint, features_meta)
+    model = head_from_state(checkpoint)
     pairs = io.read_table(args.split / "test.parquet")
     tables = io.read_tables(args.pairs, ("candidates", "phrases", "ground_truth"))
     threshold = io.read_json(args.sweep)["threshold"]

@@ -8,7 +8,7 @@ from pathlib import Path
 from grounding import io, plots
 from grounding.errors import run
 from grounding.metrics import best_threshold, pair_scores, thin, threshold_sweep
-from grounding.model import PairFeatures, head_from_state, score_pairs
+from grounding.model import PairFeatures, check_trained_on, head_from_state, score_pairs
 
 PLOT_POINTS = 400
 
@@ -26,8 +26,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    model = head_from_state(io.read_checkpoint(args.model))
-    *arrays, _ = io.read_features(args.features)
+    checkpoint = io.read_checkpoint(args.model)
+    *arrays, features_meta = io.read_features(args.features)
+    check_trained_on(checkpoint, features_meta)
+    model = head_from_state(checkpoint)
     pairs = io.read_table(args.split / "val.parquet")
     scores = score_pairs(model, PairFeatures.from_arrays(*arrays), pairs)
     sweep = threshold_sweep(pairs["label"].to_numpy(), scores)

@@ -9,11 +9,13 @@ import pandas as pd
 import pytest
 import torch
 
+from grounding.errors import DataError
 from grounding.metrics import phrase_ranks, recall_at_k
 from grounding.model import (
     HeadConfig,
     MatchingHead,
     PairFeatures,
+    check_trained_on,
     head_from_state,
     head_state,
     score_pairs,
@@ -76,7 +78,7 @@ def test_head_state_round_trip_gives_the_same_scores() -> None:
 
 def test_rows_of_unknown_phrase_raise() -> None:
     features, pairs = toy_problem(3, seed=1)
-    with pytest.raises(KeyError, match="phrases without features"):
+    with pytest.raises(DataError, match="phrases without features"):
         features.rows(pairs.assign(phrase_id=99))
 
 
@@ -138,3 +140,11 @@ def test_rank_weight_adds_the_listwise_term() -> None:
     plain = train_head(features, pairs, pairs, pos_weight=1.0, **{**settings, "rank_weight": 0.0})
     # same seed and data: only the extra loss term can make the training losses differ
     assert ranked.history["train_loss"].iloc[0] > plain.history["train_loss"].iloc[0]
+
+
+def test_a_model_trained_on_other_features_is_refused() -> None:
+    head = MatchingHead(HeadConfig(6, 6, 16, 0.0))
+    state = {**head_state(head), "features": {"backbone": "efficientnet-lite0", "regions": 10}}
+    check_trained_on(state, {"backbone": "efficientnet-lite0", "regions": 10})
+    with pytest.raises(DataError, match="trained on other features"):
+        check_trained_on(state, {"backbone": "mobilenet-v2", "regions": 10})

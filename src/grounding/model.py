@@ -15,6 +15,8 @@ import pandas as pd
 import torch
 from torch import nn
 
+from grounding.errors import DataError
+
 
 @dataclass(frozen=True)
 class HeadConfig:
@@ -61,6 +63,17 @@ def head_state(model: MatchingHead) -> dict:
     return {"config": asdict(model.config), "state_dict": model.state_dict()}
 
 
+def check_trained_on(state: dict, features_meta: dict) -> None:
+    """Raise :class:`DataError` unless the checkpoint ``state`` was trained on features made
+    as ``features_meta`` says (same backbone, encoder, sizes)."""
+    trained_on = state.get("features")
+    if trained_on != features_meta:
+        raise DataError(
+            f"the model was trained on other features ({trained_on}) than these "
+            f"({features_meta}); retrain it (`dvc repro train`)"
+        )
+
+
 def head_from_state(state: dict) -> MatchingHead:
     """Rebuild a :class:`MatchingHead` from :func:`head_state`'s output, in eval mode."""
     model = MatchingHead(HeadConfig(**state["config"]))
@@ -93,11 +106,15 @@ class PairFeatures:
         phrase_rows = self.phrase_row.reindex(pairs["phrase_id"]).to_numpy()
         if np.isnan(phrase_rows.astype(np.float64)).any():
             missing = pairs["phrase_id"][np.isnan(phrase_rows.astype(np.float64))].iloc[:5].tolist()
-            raise KeyError(f"phrases without features, e.g. phrase_id {missing}")
+            raise DataError(
+                f"phrases without features, e.g. phrase_id {missing}: the features were made "
+                "from other pairs; rerun the features stage"
+            )
         region_rows = pairs["region_id"].to_numpy()
         if len(region_rows) and region_rows.max() >= len(self.regions):
-            raise KeyError(
-                f"region_id {region_rows.max()} has no features ({len(self.regions)} rows)"
+            raise DataError(
+                f"region_id {region_rows.max()} has no features ({len(self.regions)} rows): the "
+                "features were made from other candidates; rerun the features stage"
             )
         return region_rows.astype(np.int64), phrase_rows.astype(np.int64)
 
