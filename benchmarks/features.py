@@ -402,17 +402,29 @@ def compare_backbones(args: argparse.Namespace) -> dict[str, Any]:
     def run(label: str, regions: np.ndarray, **extra: Any) -> None:
         val, test, test_found = [], [], []
         start = time.perf_counter()
+        standardised = _standardise(regions, train_regions)
         for seed in range(args.seeds):
-            scores = train_and_score(
-                _standardise(regions, train_regions),
-                embeddings,
-                train_rows,
-                evaluate,
-                epochs=args.epochs,
-                seed=seed,
+            # cached per head too: a long comparison resumes where it stopped
+            key = f"{label}-{extra.get('backbone')}-{extra.get('image_size')}-{args.epochs}-{seed}"
+            scores = _cached(
+                cache / f"scores-{key.replace(' ', '')}.npz" if cache else None,
+                lambda seed=seed: dict(
+                    zip(
+                        ("val", "test"),
+                        train_and_score(
+                            standardised,
+                            embeddings,
+                            train_rows,
+                            evaluate,
+                            epochs=args.epochs,
+                            seed=seed,
+                        ),
+                        strict=True,
+                    )
+                ),
             )
-            val.append(recall_at_1(split["val"], scores[0]))
-            test_found.append(found_at_1(split["test"], scores[1]).to_numpy())
+            val.append(recall_at_1(split["val"], scores["val"]))
+            test_found.append(found_at_1(split["test"], scores["test"]).to_numpy())
             test.append(float(test_found[-1].mean()))
         row = {
             "inputs": label,
