@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> None:
         raise ConfigError(f"features: {error}") from None
     texts, phrase_rows = distinct_phrases(phrases)
 
-    shape = (len(candidates), backbone.channels + len(GEOMETRY_COLUMNS))
+    visual_width = 2 * backbone.channels if cfg.context else backbone.channels
+    shape = (len(candidates), visual_width + len(GEOMETRY_COLUMNS))
     with io.region_features_writer(args.out, shape) as regions:
         per_image = candidate_features(
             backbone,
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> None:
             partial(io.load_image, params.data.images_dir),
             image_size=cfg.image_size,
             batch_size=cfg.batch_size,
+            context=cfg.context,
         )
         n_images = candidates["image_id"].nunique()
         for region_ids, vectors in tqdm(per_image, total=n_images, desc="features", unit="image"):
@@ -65,6 +67,7 @@ def main(argv: list[str] | None = None) -> None:
         "backbone_weights": str(cfg.backbone_weights) if cfg.backbone_weights else None,
         "text_encoder": cfg.text_encoder,
         "image_size": cfg.image_size,
+        "context": cfg.context,
         "region_dim": shape[1],
         "phrase_dim": int(embeddings.shape[1]),
         "regions": shape[0],

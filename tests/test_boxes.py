@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from grounding.boxes import IOU_THRESHOLD, box_geometry, box_iou, union_box
+from grounding.boxes import IOU_THRESHOLD, box_geometry, box_iou
 
 
 def test_iou_of_identical_boxes_is_one() -> None:
@@ -37,19 +37,6 @@ def test_iou_protocol_threshold_is_half() -> None:
     assert box_iou(np.array([[0, 0, 10, 10]]), np.array([[0, 0, 10, 5]]))[0, 0] == 0.5
 
 
-def test_union_box() -> None:
-    boxes = np.array([[0, 2, 2, 3], [1, 0, 5, 4], [3, 1, 4, 6]], dtype=np.float32)
-    union = union_box(boxes)
-    assert union.tolist() == [0.0, 0.0, 5.0, 6.0]
-    assert union.dtype == np.float32
-    assert union_box(np.array([1, 2, 3, 4])).tolist() == [1, 2, 3, 4]
-
-
-def test_union_box_of_nothing_is_an_error() -> None:
-    with pytest.raises(ValueError, match="at least one box"):
-        union_box(np.empty((0, 4)))
-
-
 def test_box_geometry_hand_example() -> None:
     boxes = np.array([[10, 20, 30, 60], [0, 0, 50, 50]])
     geometry = box_geometry(boxes, width=np.array([100, 50]), height=np.array([200, 100]))
@@ -64,3 +51,22 @@ def test_box_geometry_hand_example() -> None:
         ],
         rtol=1e-6,
     )
+
+
+def test_iou_agrees_with_torchvision_on_random_boxes() -> None:
+    import torch
+    from torchvision.ops import box_iou as torch_box_iou
+
+    rng = np.random.default_rng(0)
+    corners = rng.uniform(0, 100, size=(2, 50, 4))
+    boxes1, boxes2 = (
+        np.concatenate([c[:, :2].clip(max=c[:, 2:]), np.maximum(c[:, :2], c[:, 2:])], 1)
+        for c in corners
+    )
+    expected = torch_box_iou(torch.tensor(boxes1), torch.tensor(boxes2)).numpy()
+    np.testing.assert_allclose(box_iou(boxes1, boxes2), expected, rtol=1e-10)
+
+
+def test_iou_of_empty_boxes_is_zero_and_empty_inputs_give_empty_shapes() -> None:
+    assert box_iou(np.array([[1, 1, 1, 1]]), np.array([[1, 1, 1, 1]])).tolist() == [[0.0]]
+    assert box_iou(np.empty((0, 4)), np.array([[0, 0, 1, 1]])).shape == (0, 1)

@@ -20,12 +20,12 @@ from grounding.model import (
     head_state,
     score_pairs,
 )
-from grounding.train import listwise_loss, phrase_groups, train_head
+from grounding.train import listwise_loss, phrase_groups, repeated_pair_loss, train_head
 
 SETTINGS = dict(
     rank_weight=0.0,
     epochs=8,
-    batch_size=64,
+    batch_size=16,
     learning_rate=3e-3,
     weight_decay=0.0,
     hidden=32,
@@ -92,13 +92,36 @@ def test_listwise_loss_by_hand() -> None:
     assert float(listwise_loss(logits, labels, valid)) == pytest.approx((row0 + row1) / 2, rel=1e-6)
 
 
-def test_phrase_groups_pad_and_drop_oversampled_duplicates() -> None:
+def test_phrase_groups_pad_and_count_oversampled_duplicates() -> None:
     features, pairs = toy_problem(3, seed=2)
     doubled = pd.concat([pairs, pairs[pairs["label"] == 1]])
     groups = phrase_groups(features, doubled)
     assert groups.regions.shape == (3, 4)
     assert groups.valid.all()
     assert groups.labels.sum(axis=1).tolist() == [1, 1, 1]
+    # each positive is there twice, each negative once
+    np.testing.assert_array_equal(groups.counts, 1 + groups.labels)
+    assert groups.images.tolist() == [0, 1, 2]
+
+
+def test_phrase_groups_pad_phrases_with_fewer_candidates() -> None:
+    features, pairs = toy_problem(2, seed=2)
+    fewer = pairs.drop(index=pairs.index[(pairs["phrase_id"] == 1) & (pairs["label"] == 0)][:2])
+    groups = phrase_groups(features, fewer)
+    assert groups.counts.sum(axis=1).tolist() == [4, 2]
+    assert groups.valid.sum() == len(fewer)
+
+
+def test_repeated_pair_loss_equals_the_loss_over_repeated_rows() -> None:
+    logits = torch.tensor([[2.0, -1.0, 0.5], [0.3, 1.5, 0.0]])
+    labels = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    counts = torch.tensor([[3.0, 1.0, 1.0], [1.0, 2.0, 0.0]])  # last one: padding
+    repeats = counts.flatten().long()
+    rows = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(2.5))(
+        logits.flatten().repeat_interleave(repeats), labels.flatten().repeat_interleave(repeats)
+    )
+    got = repeated_pair_loss(logits, labels, counts, pos_weight=2.5)
+    assert float(got) == pytest.approx(float(rows), rel=1e-6)
 
 
 def test_training_learns_the_toy_problem_and_is_deterministic() -> None:

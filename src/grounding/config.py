@@ -83,6 +83,7 @@ class FeaturesParams:
     backbone_weights: Path | None
     text_encoder: str
     image_size: int
+    context: bool
     batch_size: int
     text_batch_size: int
 

@@ -42,8 +42,11 @@ class MatchingHead(nn.Module):
         )
 
     def forward(self, regions: torch.Tensor, phrases: torch.Tensor) -> torch.Tensor:
-        region = self.region(regions)
-        phrase = self.phrase(phrases)
+        return self.score_projected(self.region(regions), self.phrase(phrases))
+
+    def score_projected(self, region: torch.Tensor, phrase: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B,)`` of pairs already projected by ``self.region`` and ``self.phrase``:
+        project each distinct region and phrase once, score all their pairs."""
         return self.score(torch.cat([region * phrase, region, phrase], dim=-1)).squeeze(-1)
 
 

@@ -203,9 +203,10 @@ def gallery_examples(
     """
     boxes = candidates.set_index("region_id")[BOX_COLUMNS]
     text = phrases.set_index("phrase_id")["text"]
+    chosen_truth = ground_truth[ground_truth["phrase_id"].isin(chosen["phrase_id"])]
     truth_of = {
         phrase_id: group[BOX_COLUMNS].to_numpy()
-        for phrase_id, group in ground_truth.groupby("phrase_id")
+        for phrase_id, group in chosen_truth.groupby("phrase_id")
     }
     return [
         Example(

@@ -1,9 +1,14 @@
 """train: fit the matching head on the training pairs, watching the validation pairs.
 
-The loss is binary cross-entropy on pairs with positives weighted by ``pos_weight``. With
-``rank_weight > 0`` a listwise term is added: for each phrase, a softmax over *all* its image's
-candidates, pushing its positives above the image's other regions (the natural negatives),
-which is what Recall@1 rewards.
+The loss is binary cross-entropy on the (balanced) training pairs with positives weighted by
+``pos_weight``. With ``rank_weight > 0`` a listwise term is added: for each phrase, a softmax
+over *all* its image's candidates, pushing its positives above the image's other regions (the
+natural negatives), which is what Recall@1 rewards.
+
+Each step takes a batch of images and scores every pair of their phrases and candidates, with
+each distinct region and phrase projected once. A pair that the balanced training table repeats
+(an oversampled positive) counts that many times in the cross-entropy: the same loss per epoch
+as a pass over the repeated rows, at the cost of the distinct pairs.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
+from torch.nn import functional
 
 from grounding.metrics import phrase_ranks, recall_at_k
 from grounding.model import HeadConfig, MatchingHead, PairFeatures, score_pairs
@@ -22,33 +27,65 @@ from grounding.model import HeadConfig, MatchingHead, PairFeatures, score_pairs
 
 @dataclass(frozen=True)
 class PhraseGroups:
-    """Each phrase's candidates, padded: ``regions (P, K)`` rows, ``labels (P, K)``,
-    ``valid (P, K)`` mask, ``phrases (P,)`` rows."""
+    """Each phrase's candidates, padded to ``K`` columns.
+
+    ``regions (P, K)``: feature rows; ``labels (P, K)``; ``counts (P, K)``: how often the pair
+    occurs in the pairs (0 for padding); ``phrases (P,)``: feature rows; ``images (P,)``: the
+    phrase's image as a code ``0..n_images-1``.
+    """
 
     regions: np.ndarray
     labels: np.ndarray
-    valid: np.ndarray
+    counts: np.ndarray
     phrases: np.ndarray
+    images: np.ndarray
+
+    @property
+    def valid(self) -> np.ndarray:
+        return self.counts > 0
 
 
 def phrase_groups(features: PairFeatures, pairs: pd.DataFrame) -> PhraseGroups:
-    """Group ``pairs`` (duplicates removed) by phrase into padded arrays."""
-    pairs = pairs.drop_duplicates(["phrase_id", "region_id"]).sort_values(
-        ["phrase_id", "region_id"]
+    """Group ``pairs`` by phrase into padded arrays, counting repeated pairs."""
+    counted = (
+        pairs.groupby(["phrase_id", "region_id"], sort=True)
+        .agg(image_id=("image_id", "first"), label=("label", "first"), count=("label", "size"))
+        .reset_index()
     )
-    region_rows, phrase_rows = features.rows(pairs)
-    group = pairs.groupby("phrase_id", sort=True).cumcount().to_numpy()
-    phrase_index = pd.factorize(pairs["phrase_id"], sort=True)[0]
-    n_phrases, width = phrase_index.max() + 1, group.max() + 1
+    region_rows, phrase_rows = features.rows(counted)
+    column = counted.groupby("phrase_id", sort=True).cumcount().to_numpy()
+    row = pd.factorize(counted["phrase_id"], sort=True)[0]
+    n_phrases, width = row.max() + 1, column.max() + 1
     regions = np.zeros((n_phrases, width), dtype=np.int64)
     labels = np.zeros((n_phrases, width), dtype=np.float32)
-    valid = np.zeros((n_phrases, width), dtype=bool)
-    regions[phrase_index, group] = region_rows
-    labels[phrase_index, group] = pairs["label"].to_numpy()
-    valid[phrase_index, group] = True
+    counts = np.zeros((n_phrases, width), dtype=np.float32)
+    regions[row, column] = region_rows
+    labels[row, column] = counted["label"].to_numpy()
+    counts[row, column] = counted["count"].to_numpy()
     phrases = np.zeros(n_phrases, dtype=np.int64)
-    phrases[phrase_index] = phrase_rows
-    return PhraseGroups(regions, labels, valid, phrases)
+    phrases[row] = phrase_rows
+    images = np.zeros(n_phrases, dtype=np.int64)
+    images[row] = pd.factorize(counted["image_id"])[0]
+    return PhraseGroups(regions, labels, counts, phrases, images)
+
+
+def repeated_pair_loss(
+    logits: torch.Tensor, labels: torch.Tensor, counts: torch.Tensor, pos_weight: float
+) -> torch.Tensor:
+    """Binary cross-entropy with positives weighted by ``pos_weight``, averaged over the pairs
+    as if each were repeated ``counts`` times (0: padding, left out).
+
+    ``logits, labels, counts``: ``(P, K)``.
+    """
+    valid = counts > 0
+    total = functional.binary_cross_entropy_with_logits(
+        logits[valid],
+        labels[valid],
+        weight=counts[valid],
+        pos_weight=torch.tensor(float(pos_weight)),
+        reduction="sum",
+    )
+    return total / counts.sum()
 
 
 def listwise_loss(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -89,18 +126,17 @@ def train_head(
 ) -> TrainResult:
     """Train a :class:`MatchingHead`; deterministic on CPU for a given ``seed``.
 
-    ``train_pairs`` may repeat pairs (balanced by oversampling); ``val_pairs`` are scored
-    after each epoch (loss, accuracy at probability 0.5, Recall@1). ``on_epoch`` receives each
-    epoch's row of the history as it is made (for progress display).
+    ``train_pairs`` (``phrase_id, region_id, image_id, label``) may repeat pairs (balanced by
+    oversampling); ``batch_size`` is in images. ``val_pairs`` are scored after each epoch
+    (loss, accuracy at probability 0.5, Recall@1). ``on_epoch`` receives each epoch's row of the
+    history as it is made (for progress display).
     """
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
-    region_rows, phrase_rows = features.rows(train_pairs)
-    labels = torch.from_numpy(train_pairs["label"].to_numpy(np.float32))
-    groups = phrase_groups(features, train_pairs) if rank_weight > 0 else None
+    groups = phrase_groups(features, train_pairs)
+    batches = _ImageBatches(groups.images)
     rng = np.random.default_rng(seed)
-    loss_function = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(float(pos_weight)))
-    steps = int(np.ceil(len(labels) / batch_size))
+    steps = int(np.ceil(batches.n_images / batch_size))
     history = []
     with torch.random.fork_rng():  # seeded dropout and init without touching global state
         torch.manual_seed(seed)
@@ -115,29 +151,30 @@ def train_head(
         )
         for epoch in range(1, epochs + 1):
             model.train()
-            order = rng.permutation(len(labels))
-            group_order = rng.permutation(len(groups.phrases)) if groups else None
-            total_loss, correct = 0.0, 0
+            order = rng.permutation(batches.n_images)
+            total_loss, total_count, correct = 0.0, 0.0, 0.0
             for step in range(steps):
-                batch = order[step * batch_size : (step + 1) * batch_size]
-                regions, phrases = features.gather(region_rows[batch], phrase_rows[batch])
-                logits = model(regions, phrases)
-                loss = loss_function(logits, labels[batch])
-                if groups is not None and group_order is not None:
-                    loss = loss + rank_weight * _group_loss(
-                        model, features, groups, group_order, step, steps
-                    )
+                chosen = batches.phrases_of(order[step * batch_size : (step + 1) * batch_size])
+                logits = _group_logits(model, features, groups, chosen)
+                labels = torch.from_numpy(groups.labels[chosen])
+                counts = torch.from_numpy(groups.counts[chosen])
+                valid = counts > 0
+                loss = repeated_pair_loss(logits, labels, counts, pos_weight)
+                if rank_weight > 0:
+                    loss = loss + rank_weight * listwise_loss(logits, labels, valid)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
                 schedule.step()
-                total_loss += float(loss.detach()) * len(batch)
-                correct += int(((logits.detach() > 0) == (labels[batch] > 0)).sum())
+                total_loss += float(loss.detach()) * float(counts.sum())
+                total_count += float(counts.sum())
+                hits = ((logits.detach() > 0) == (labels > 0)) & valid
+                correct += float((hits * counts).sum())
             row = {
                 "epoch": epoch,
-                "train_loss": total_loss / len(labels),
-                "train_accuracy": correct / len(labels),
-                **_validation_scores(model, features, val_pairs, loss_function),
+                "train_loss": total_loss / total_count,
+                "train_accuracy": correct / total_count,
+                **_validation_scores(model, features, val_pairs, pos_weight),
             }
             history.append(row)
             if on_epoch is not None:
@@ -145,40 +182,47 @@ def train_head(
     return TrainResult(model.eval(), pd.DataFrame(history))
 
 
-def _group_loss(
-    model: MatchingHead,
-    features: PairFeatures,
-    groups: PhraseGroups,
-    order: np.ndarray,
-    step: int,
-    steps: int,
+class _ImageBatches:
+    """The phrases (rows of a :class:`PhraseGroups`) of any set of images."""
+
+    def __init__(self, images: np.ndarray) -> None:
+        self.by_image = np.argsort(images, kind="stable")
+        self.n_images = int(images.max()) + 1
+        self.bounds = np.searchsorted(images[self.by_image], np.arange(self.n_images + 1))
+
+    def phrases_of(self, images: np.ndarray) -> np.ndarray:
+        return np.concatenate([self.by_image[self.bounds[i] : self.bounds[i + 1]] for i in images])
+
+
+def _group_logits(
+    model: MatchingHead, features: PairFeatures, groups: PhraseGroups, chosen: np.ndarray
 ) -> torch.Tensor:
-    """The listwise loss on this step's share of the phrases (all phrases once per epoch)."""
-    per_step = int(np.ceil(len(order) / steps))
-    chosen = order[step * per_step : (step + 1) * per_step]
-    if len(chosen) == 0:
-        return torch.zeros(())
-    regions, valid = groups.regions[chosen], groups.valid[chosen]
-    # score the real candidates only (padding is most of a padded batch), then lay them out
+    """Logits ``(len(chosen), K)`` of the chosen phrases' candidates (0 in the padding), with
+    each distinct region and phrase projected once."""
+    valid = groups.valid[chosen]
     rows, columns = np.nonzero(valid)
-    region_features, phrase_features = features.gather(
-        regions[rows, columns], groups.phrases[chosen][rows]
-    )
-    scores = model(region_features, phrase_features)
-    logits = torch.zeros(valid.shape).index_put(
+    distinct, region_index = np.unique(groups.regions[chosen][rows, columns], return_inverse=True)
+    region_features, phrase_features = features.gather(distinct, groups.phrases[chosen])
+    region = model.region(region_features)[torch.from_numpy(region_index)]
+    phrase = model.phrase(phrase_features)[torch.from_numpy(rows)]
+    scores = model.score_projected(region, phrase)
+    return torch.zeros(valid.shape).index_put(
         (torch.from_numpy(rows), torch.from_numpy(columns)), scores
     )
-    return listwise_loss(logits, torch.from_numpy(groups.labels[chosen]), torch.from_numpy(valid))
 
 
 def _validation_scores(
-    model: MatchingHead, features: PairFeatures, pairs: pd.DataFrame, loss_function: nn.Module
+    model: MatchingHead, features: PairFeatures, pairs: pd.DataFrame, pos_weight: float
 ) -> dict[str, float]:
     probabilities = score_pairs(model, features, pairs)
     labels = pairs["label"].to_numpy(np.float32)
     logits = torch.logit(torch.from_numpy(probabilities).clamp(1e-7, 1 - 1e-7))
     return {
-        "val_loss": float(loss_function(logits, torch.from_numpy(labels))),
+        "val_loss": float(
+            functional.binary_cross_entropy_with_logits(
+                logits, torch.from_numpy(labels), pos_weight=torch.tensor(float(pos_weight))
+            )
+        ),
         "val_accuracy": float(np.mean((probabilities >= 0.5) == (labels > 0))),
         "val_recall_at_1": recall_at_k(phrase_ranks(pairs, probabilities), 1),
     }

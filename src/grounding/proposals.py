@@ -1,0 +1,85 @@
+"""Region proposals: class-agnostic candidate boxes for an image nobody annotated.
+
+OpenCV's selective search (``opencv-contrib-python-headless``) groups superpixels bottom-up
+into boxes, ranked roughly from small regions to whole objects. It runs on the CPU with no
+weights to download. The image is shrunk to ``max_side`` first (selective search costs grow
+with the pixel count), the boxes are scaled back, tiny and near-duplicate boxes are dropped,
+and the first ``max_proposals`` are kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+
+from grounding.boxes import box_iou
+
+
+@dataclass(frozen=True)
+class ProposalSettings:
+    """``mode``: selective search's ``fast`` or ``quality`` strategy; ``max_side``: the longer
+    side (pixels) the image is shrunk to first; ``min_size``: the smallest box side kept, in
+    original pixels; ``dedupe_iou``: a box this close to a kept one is dropped;
+    ``max_proposals``: how many are kept."""
+
+    mode: Literal["fast", "quality"]
+    max_side: int
+    min_size: int
+    dedupe_iou: float
+    max_proposals: int
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("fast", "quality"):
+            raise ValueError(f"proposal mode must be 'fast' or 'quality', got {self.mode!r}")
+        if self.max_side < 16 or self.min_size < 1 or self.max_proposals < 1:
+            raise ValueError(
+                "proposals need max_side >= 16, min_size >= 1 and max_proposals >= 1, got "
+                f"{self.max_side}, {self.min_size}, {self.max_proposals}"
+            )
+        if not 0.0 < self.dedupe_iou <= 1.0:
+            raise ValueError(f"dedupe_iou must be in (0, 1], got {self.dedupe_iou}")
+
+
+def propose(image: Image.Image, settings: ProposalSettings) -> np.ndarray:
+    """Boxes ``(N, 4)`` float32 in ``image``'s pixels (0-based, exclusive ends), best first;
+    ``N`` may be 0 (nothing survives the size filter) but never exceeds
+    ``settings.max_proposals``."""
+    import cv2
+
+    scale = min(1.0, settings.max_side / max(image.size))
+    small = image.convert("RGB")
+    if scale < 1.0:
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        small = small.resize(size, Image.Resampling.BILINEAR)
+    search = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
+    search.setBaseImage(np.ascontiguousarray(np.asarray(small)[:, :, ::-1]))  # RGB -> BGR
+    if settings.mode == "fast":
+        search.switchToSelectiveSearchFast()
+    else:
+        search.switchToSelectiveSearchQuality()
+    rects = np.asarray(search.process(), dtype=np.float64).reshape(-1, 4)  # x, y, w, h
+    boxes = np.concatenate([rects[:, :2], rects[:, :2] + rects[:, 2:]], axis=1) / scale
+    boxes = np.clip(boxes, 0, [image.width, image.height, image.width, image.height])
+    sides = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+    boxes = boxes[sides >= settings.min_size]
+    keep = dedupe(boxes, settings.dedupe_iou, settings.max_proposals)
+    return boxes[keep].astype(np.float32)
+
+
+def dedupe(boxes: np.ndarray, max_iou: float, limit: int) -> np.ndarray:
+    """Indices of the boxes kept, in order: each box is kept unless its IoU with a box kept
+    before it is ``>= max_iou`` (greedy, like non-maximum suppression by rank); at most
+    ``limit``. ``max_iou`` 1.0 drops only exact duplicates."""
+    kept: list[int] = []
+    kept_boxes = np.empty((0, 4))
+    for index, box in enumerate(np.asarray(boxes, dtype=np.float64).reshape(-1, 4)):
+        if len(kept) == limit:
+            break
+        if len(kept) and box_iou(box[None], kept_boxes).max() >= max_iou:
+            continue
+        kept.append(index)
+        kept_boxes = np.vstack([kept_boxes, box])
+    return np.asarray(kept, dtype=np.int64)
