@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import argparse
+from functools import partial
 from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
 
 from grounding import io, validation
 from grounding.config import load_params
 from grounding.errors import run
 from grounding.pair import pair_dataset
+from grounding.proposals import ProposalSettings, propose
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -23,15 +28,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    params = load_params(args.params).pair
+    params = load_params(args.params)
     parsed = io.read_tables(args.parsed, ("images", "phrases", "boxes", "chain_boxes"))
-    paired = pair_dataset(**parsed, pos_iou=params.pos_iou)
+    proposals = None
+    if params.pair.candidates == "proposals":
+        images = parsed["images"]
+        present = images.loc[images["has_file"], "image_id"].tolist()
+        cache = io.ProposalCache(params.paths.proposals)
+        proposals = image_proposals(present, params.data.images_dir, params.proposals, cache)
+    paired = pair_dataset(**parsed, pos_iou=params.pair.pos_iou, proposals=proposals)
     tables = paired.tables()
     checks = validation.check_paired(tables, parsed["images"])
     io.write_tables(tables, args.out)
     io.write_json(paired.summary, args.summary)
     io.write_json(validation.report(checks), args.validation)
     print(", ".join(f"{name} {value:,}" for name, value in paired.summary.items()))
+
+
+def image_proposals(
+    image_ids: list[str], images_dir: Path, settings: ProposalSettings, cache: io.ProposalCache
+) -> dict[str, np.ndarray]:
+    """Each image's proposals, from the cache where an earlier run computed them."""
+    found = {}
+    for image_id in tqdm(image_ids, desc="proposals", unit="image"):
+        image = io.load_image(images_dir, image_id)
+        found[image_id] = cache.get(image, settings, partial(propose, image, settings))
+    return found
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     arg("--split", type=Path, required=True, help="folder of split's pairs")
     arg("--features", type=Path, required=True, help="folder of the features")
     arg("--model", type=Path, required=True, help="model checkpoint")
+    arg("--grounder", type=Path, required=True, help="grounder bundle, logged as a pyfunc model")
     arg("--sweep", type=Path, required=True, help="sweep's summary, with the threshold (JSON)")
     arg("--history", type=Path, required=True, help="train's per-epoch metrics (CSV)")
     arg("--summaries", type=Path, nargs="+", required=True, help="stage summaries (JSON)")
@@ -79,17 +80,19 @@ def main(argv: list[str] | None = None) -> None:
 
     if not args.no_mlflow:
         root = tracking.repo_root()
-        run_id = tracking.log_pipeline_run(
+        run_id, version = tracking.log_pipeline_run(
             uri=tracking.tracking_uri(root),
             artifacts_at=tracking.artifact_location(root),
             params=flatten(asdict(params)),
             history=io.read_csv(args.history),
             metrics=metrics,
             model=model,
+            grounder=args.grounder,
             artifacts=[args.report, args.metrics, *figures],
             tags=tracking.run_tags(root),
         )
         print(f"MLflow run {run_id} in {tracking.tracking_uri(root)}")
+        print(f"grounder registered as models:/{tracking.REGISTERED_MODEL}/{version}")
 
 
 if __name__ == "__main__":

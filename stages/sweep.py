@@ -1,4 +1,5 @@
-"""sweep: choose the decision threshold that maximises F1 on the validation pairs."""
+"""sweep: choose the decision threshold that maximises F1 on the validation pairs, and bundle
+the head, its threshold and the proposal settings into the grounder `grounding predict` loads."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import argparse
 from pathlib import Path
 
 from grounding import io, plots
+from grounding.config import load_params
 from grounding.errors import run
+from grounding.grounder import grounder_bundle
 from grounding.metrics import best_threshold, pair_scores, thin, threshold_sweep
 from grounding.model import PairFeatures, check_trained_on, head_from_state, score_pairs
 
@@ -15,12 +18,16 @@ PLOT_POINTS = 400
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file")
     parser.add_argument("--split", type=Path, required=True, help="folder of split's pairs")
     parser.add_argument("--features", type=Path, required=True, help="folder of the features")
     parser.add_argument("--model", type=Path, required=True, help="model checkpoint")
     parser.add_argument("--summary", type=Path, required=True, help="chosen threshold (JSON)")
     parser.add_argument("--curve", type=Path, required=True, help="sweep curve (CSV)")
     parser.add_argument("--plot", type=Path, required=True, help="sweep curve (PNG)")
+    parser.add_argument(
+        "--grounder", type=Path, required=True, help="the whole grounder for `grounding predict`"
+    )
     return parser.parse_args(argv)
 
 
@@ -41,6 +48,8 @@ def main(argv: list[str] | None = None) -> None:
         "val_precision": best.precision,
         "val_recall": best.recall,
     }
+    proposals = load_params(args.params).proposals
+    io.write_checkpoint(grounder_bundle(checkpoint, threshold, proposals), args.grounder)
     io.write_json(summary, args.summary)
     io.write_csv(thin(sweep, PLOT_POINTS), args.curve)
     io.write_png(plots.threshold_sweep(sweep, threshold), args.plot)

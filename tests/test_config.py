@@ -83,7 +83,7 @@ def test_missing_section_is_named(raw: dict[str, Any]) -> None:
         ("parse", "skip_bad_files", 1),
         ("parse", "skip_bad_files", "no"),
         ("data", "root", 3),
-        ("pair", "candidates", "proposals"),  # Literal["annotated"]
+        ("pair", "candidates", "detector"),  # Literal["annotated", "proposals"]
         ("split", "strategy", "stratified"),  # Literal["official", "random"]
     ],
 )
@@ -124,3 +124,9 @@ def test_flatten() -> None:
         "split.fractions.val": 0.1,
         "x": 1,
     }
+
+
+def test_a_section_that_checks_its_own_values_is_named(raw: dict[str, Any]) -> None:
+    raw["proposals"]["max_side"] = 8
+    with pytest.raises(ConfigError, match=r"^proposals: proposals need max_side >= 16"):
+        params_from_dict(raw)

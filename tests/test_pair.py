@@ -12,6 +12,7 @@ from grounding.pair import (
     build_pairs,
     ground_truth,
     pair_dataset,
+    proposal_candidates,
 )
 from grounding.parse import ParsedDataset
 
@@ -215,7 +216,7 @@ def test_pair_dataset_summary_hand_counts(paired: Paired) -> None:
         "images": 5,
         "images_paired": 4,  # 400 has no JPEG
         "images_left_out_no_file": 1,
-        "images_left_out_no_box": 0,
+        "images_left_out_no_candidate": 0,
         "phrases": 36,
         "phrases_paired": 5 + 7 + 6 + 10,
         "phrases_left_out_no_file": 5,
@@ -258,3 +259,35 @@ def test_pair_dataset_with_no_image_file_pairs_nothing(tiny_parsed: ParsedDatase
     assert paired.summary["images_left_out_no_file"] == 5
     assert paired.summary["phrases_left_out_no_file"] == 36
     assert paired.summary["positive_share"] == 0.0
+
+
+def test_proposal_candidates_keep_each_images_order() -> None:
+    proposals = {"b": np.array([[0, 0, 5, 5]]), "a": np.array([[1, 1, 4, 4], [0, 0, 9, 9]])}
+    candidates = proposal_candidates(proposals)
+    assert rows(candidates) == [
+        (0, "a", 1.0, 1.0, 4.0, 4.0, "proposals"),
+        (1, "a", 0.0, 0.0, 9.0, 9.0, "proposals"),
+        (2, "b", 0.0, 0.0, 5.0, 5.0, "proposals"),
+    ]
+    assert proposal_candidates({}).empty
+
+
+def test_pair_dataset_with_proposals_labels_them_by_iou(tiny_parsed: ParsedDataset) -> None:
+    t = tiny_parsed
+    present = sorted(t.images.loc[t.images["has_file"], "image_id"])
+    # each image's proposals: its annotated boxes shifted by 1 pixel (still IoU >= 0.5),
+    # and one image with none (nothing survived its size filter)
+    shifted = {
+        image_id: group[["x1", "y1", "x2", "y2"]].to_numpy() + 1.0
+        for image_id, group in t.boxes.groupby("image_id")
+        if image_id in present[1:]
+    }
+    proposals = {present[0]: np.empty((0, 4)), **shifted}
+    paired = pair_dataset(
+        t.images, t.phrases, t.boxes, t.chain_boxes, pos_iou=0.5, proposals=proposals
+    )
+    assert set(paired.candidates["source"]) == {"proposals"}
+    assert present[0] not in set(paired.pairs["image_id"])
+    assert paired.summary["images_left_out_no_candidate"] == 1
+    # every kept phrase has a positive: a shifted copy of its own box
+    assert paired.pairs.groupby("phrase_id")["label"].max().min() == 1

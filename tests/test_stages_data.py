@@ -24,7 +24,7 @@ PAIR_SUMMARY = {
     "images": 5,
     "images_paired": 4,
     "images_left_out_no_file": 1,
-    "images_left_out_no_box": 0,
+    "images_left_out_no_candidate": 0,
     "phrases": 36,
     "phrases_paired": 28,
     "phrases_left_out_no_file": 5,

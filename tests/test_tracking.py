@@ -10,14 +10,22 @@ import pandas as pd
 import pytest
 import torch
 
-from grounding.model import HeadConfig, MatchingHead
+from grounding.grounder import grounder_bundle
+from grounding.io import write_checkpoint
+from grounding.model import HeadConfig, MatchingHead, head_state
+from grounding.proposals import ProposalSettings
 from grounding.tracking import (
     EXPERIMENT,
+    REGISTERED_MODEL,
     artifact_location,
     log_pipeline_run,
     numeric_metrics,
     run_tags,
     tracking_uri,
+)
+
+PROPOSALS = ProposalSettings(
+    mode="fast", max_side=300, min_size=16, dedupe_iou=0.7, max_proposals=100
 )
 
 
@@ -54,13 +62,17 @@ def test_log_pipeline_run_records_params_history_metrics_model_and_files(
     )
     metrics = {"f1": 0.8, "recall_at_1": 0.7, "roc_auc": float("nan"), "by_type": {"other": 0.6}}
     head = MatchingHead(HeadConfig(4, 3, 8, 0.0))
-    run_id = log_pipeline_run(
+    grounder = tmp_path / "grounder.pt"
+    checkpoint = {**head_state(head), "features": {"backbone": "efficientnet-lite0"}}
+    write_checkpoint(grounder_bundle(checkpoint, 0.5, PROPOSALS), grounder)
+    run_id, version = log_pipeline_run(
         uri=uri,
         artifacts_at=artifact_location(tmp_path),
         params={"train.pos_weight": 3.0, "data.root": "data/sample"},
         history=history,
         metrics=metrics,
         model=head,
+        grounder=grounder,
         artifacts=[report],
         tags={"git_commit": "abc", "dvc_experiment": "tidy-lamb"},
     )
@@ -83,3 +95,6 @@ def test_log_pipeline_run_records_params_history_metrics_model_and_files(
     inputs = (torch.ones(2, 4), torch.ones(2, 3))
     torch.testing.assert_close(loaded.eval()(*inputs), head.eval()(*inputs))
     assert json.loads(json.dumps(run.data.params))  # plain strings, JSON-serialisable
+    # the whole grounder is registered, from this run
+    assert version == "1"
+    assert client.get_model_version(REGISTERED_MODEL, version).run_id == run_id

@@ -1,16 +1,28 @@
 """The ``grounding`` command: tools around the pipeline (the stages themselves run from dvc.yaml).
 
 ``grounding sample --out data/sample`` regenerates the shipped synthetic sample, byte for byte.
+``grounding predict IMAGE --phrase "a man" --phrase "a red shirt"`` grounds phrases in an image.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shutil
+import sys
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image
 
 from grounding import io
-from grounding.errors import run
+from grounding.errors import DataError, run
+
+if TYPE_CHECKING:
+    from grounding.grounder import Grounder
 
 
 def _sample(args: argparse.Namespace) -> None:
@@ -22,6 +34,81 @@ def _sample(args: argparse.Namespace) -> None:
         shutil.rmtree(args.out / name, ignore_errors=True)
     io.write_files(dataset.files, args.out)
     print(f"wrote {len(dataset.files)} files to {args.out}")
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from grounding.grounder import check_phrases, phrases_from_caption
+
+    phrases = list(args.phrase)
+    for caption in args.caption:
+        phrases += phrases_from_caption(caption)
+    if args.phrases_file:
+        phrases += _read_phrases(args.phrases_file)
+    phrases = check_phrases(phrases)
+    image = io.read_image(args.image)  # before the model: a bad image fails fast
+    started = time.perf_counter()
+    grounder = load_grounder(args.model)
+    loaded = time.perf_counter()
+    cache = None if args.no_cache else io.ProposalCache(args.cache)
+    settings = grounder.proposal_settings
+
+    def proposals(image: Image.Image) -> np.ndarray:
+        if cache is None:
+            return grounder.propose(image)
+        return cache.get(image, settings, lambda: grounder.propose(image))
+
+    found = grounder.ground(image, phrases, top_k=args.top_k, proposals=proposals)
+    done = time.perf_counter()
+    result = {
+        "image": str(args.image),
+        "size": list(image.size),
+        "threshold": grounder.threshold,
+        "phrases": [grounding.to_dict() for grounding in found],
+        "seconds": {"load_model": round(loaded - started, 3), "ground": round(done - loaded, 3)},
+    }
+    if args.out:
+        from grounding import plots
+
+        io.write_figure(plots.groundings(image, found), args.out)
+        result["out"] = str(args.out)
+    json.dump(result, sys.stdout, indent=2)
+    print()
+
+
+def _read_phrases(path: Path) -> list[str]:
+    """One phrase per line; blank lines are skipped."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: cannot read phrases ({error})") from None
+    return [line for line in lines if line.strip()]
+
+
+def load_grounder(model: str) -> Grounder:
+    """A :class:`~grounding.grounder.Grounder` from a bundle file (``models/grounder.pt``), a
+    logged pyfunc model's folder, or an MLflow model URI (``runs:/<id>/grounder``,
+    ``models:/phrase-grounder/<version>``) in the store of :mod:`grounding.tracking`."""
+    from grounding.grounder import Grounder
+
+    path = Path(model)
+    if "://" not in model and ":/" not in model and not (path / "MLmodel").exists():
+        return Grounder.from_bundle(io.read_checkpoint(path))
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from grounding import tracking
+
+    mlflow.set_tracking_uri(tracking.tracking_uri(tracking.repo_root()))
+    try:
+        loaded = mlflow.pyfunc.load_model(model)
+    except (MlflowException, OSError) as error:
+        raise DataError(f"{model}: cannot load the model ({error})") from None
+    return loaded.unwrap_python_model().grounder
+
+
+def _default_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "grounding/proposals"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +128,45 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0, help="random seed")
     sample.add_argument("--images", type=int, default=300, help="number of images")
     sample.set_defaults(handler=_sample)
+
+    predict = commands.add_parser(
+        "predict",
+        help="ground phrases in an image: each phrase's best boxes as JSON",
+        description=(
+            "Ground phrases in an image with a trained grounder: selective-search proposals "
+            "(cached per image), one pass of the backbone for all phrases, the head's scores. "
+            "Prints JSON: per phrase its best boxes (x1, y1, x2, y2 in pixels) with scores."
+        ),
+    )
+    predict.add_argument("image", type=Path, help="the image file")
+    predict.add_argument(
+        "--phrase", action="append", default=[], help="a phrase to ground (repeatable)"
+    )
+    predict.add_argument(
+        "--caption",
+        action="append",
+        default=[],
+        help='a caption with [bracketed] phrases: "[A man] in [a red shirt]" (repeatable)',
+    )
+    predict.add_argument("--phrases-file", type=Path, help="a file of phrases, one per line")
+    predict.add_argument(
+        "--model",
+        default="models/grounder.pt",
+        help="grounder bundle file, pyfunc model folder, or MLflow URI "
+        "(runs:/<run id>/grounder, models:/phrase-grounder/<version>); default %(default)s",
+    )
+    predict.add_argument("--top-k", type=int, default=1, help="boxes per phrase (default 1)")
+    predict.add_argument(
+        "--out", type=Path, help="also draw the boxes and phrases on the image (.png, .jpg, ...)"
+    )
+    predict.add_argument(
+        "--cache",
+        type=Path,
+        default=_default_cache(),
+        help="folder of cached proposals (default %(default)s)",
+    )
+    predict.add_argument("--no-cache", action="store_true", help="always compute proposals")
+    predict.set_defaults(handler=_predict)
     return parser
 
 
@@ -51,3 +177,7 @@ def _main(argv: list[str] | None) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     run(_main, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -16,6 +16,8 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from grounding.proposals import ProposalSettings
+
 
 class ConfigError(ValueError):
     """``params.yaml`` does not match the types below; the message names the key."""
@@ -50,7 +52,9 @@ class PathParams:
     split: Path
     features: Path
     model: Path
+    grounder: Path
     reports: Path
+    proposals: Path  # cache of each image's proposals (not a DVC output: kept across runs)
 
 
 @dataclass(frozen=True)
@@ -60,7 +64,7 @@ class ParseParams:
 
 @dataclass(frozen=True)
 class PairParams:
-    candidates: Literal["annotated"]
+    candidates: Literal["annotated", "proposals"]
     pos_iou: float
 
 
@@ -114,6 +118,7 @@ class Params:
     paths: PathParams
     parse: ParseParams
     pair: PairParams
+    proposals: ProposalSettings
     split: SplitParams
     features: FeaturesParams
     train: TrainParams
@@ -180,7 +185,13 @@ def _build(cls: type, values: Any, key: str) -> Any:
     missing = [name for name in names if name not in values]
     if missing:
         raise ConfigError(f"missing key(s) {[_join(key, m) for m in missing]}")
-    return cls(**{name: _cast(values[name], hints[name], _join(key, name)) for name in names})
+    fields = {name: _cast(values[name], hints[name], _join(key, name)) for name in names}
+    try:
+        return cls(**fields)
+    except ConfigError:
+        raise
+    except ValueError as error:  # a section that checks its own values
+        raise ConfigError(f"{key}: {error}") from None
 
 
 def _join(prefix: str, name: str) -> str:

@@ -340,6 +340,9 @@ def load_text_encoder(name_or_path: str | Path) -> TextEncoder:
                 f"{', '.join(TEXT_ENCODERS)} or a local Hugging Face model folder"
             )
     from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # a bar for loading 90 MB is noise
 
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     model = AutoModel.from_pretrained(folder, local_files_only=True)
@@ -402,7 +405,7 @@ def candidate_features(
     ``context``, the features of the whole image (the same for every region of an image)
     come between the two: ``(N_i, 2 * backbone.channels + len(GEOMETRY_COLUMNS))``.
     """
-    from grounding.boxes import BOX_COLUMNS, box_geometry
+    from grounding.boxes import BOX_COLUMNS
 
     sizes = images.set_index("image_id")[["width", "height"]]
     groups = [
@@ -422,20 +425,42 @@ def candidate_features(
             )
         return image
 
-    def whole_image(image_id: str) -> np.ndarray:
-        return np.array([[0, 0, *sizes.loc[image_id]]], dtype=np.float32)
-
     items = (
-        (load(image_id), np.concatenate([boxes, whole_image(image_id)]) if context else boxes)
+        (load(image_id), _with_whole_image(boxes, tuple(sizes.loc[image_id])) if context else boxes)
         for image_id, _, boxes in groups
     )
     visual = extract_region_features(backbone, items, image_size=image_size, batch_size=batch_size)
     for (image_id, region_ids, boxes), vectors in zip(groups, visual, strict=True):
-        width, height = sizes.loc[image_id]
-        geometry = box_geometry(boxes, np.full(len(boxes), width), np.full(len(boxes), height))
-        if context:
-            vectors = np.concatenate([vectors[:-1], np.repeat(vectors[-1:], len(boxes), 0)], 1)
-        yield region_ids, np.concatenate([vectors, geometry], axis=1)
+        yield region_ids, _assemble(vectors, boxes, tuple(sizes.loc[image_id]), context)
+
+
+def image_features(
+    backbone: Backbone, image: Image.Image, boxes: np.ndarray, *, image_size: int, context: bool
+) -> np.ndarray:
+    """The features of ``boxes (N, 4)`` on one image, made as :func:`candidate_features` makes
+    them (for an image outside any table: grounding phrases in a new image)."""
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    query = _with_whole_image(boxes, image.size) if context else boxes
+    visual = region_features(backbone, image, query, image_size=image_size)
+    return _assemble(visual, boxes, image.size, context)
+
+
+def _with_whole_image(boxes: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    return np.concatenate([boxes, np.array([[0, 0, *size]], dtype=np.float32)])
+
+
+def _assemble(
+    visual: np.ndarray, boxes: np.ndarray, size: tuple[int, int], context: bool
+) -> np.ndarray:
+    """Pooled features (with the whole image's as the last row when ``context``) and box
+    geometry -> the rows of the features stage."""
+    from grounding.boxes import box_geometry
+
+    width, height = size
+    geometry = box_geometry(boxes, np.full(len(boxes), width), np.full(len(boxes), height))
+    if context:
+        visual = np.concatenate([visual[:-1], np.repeat(visual[-1:], len(boxes), 0)], 1)
+    return np.concatenate([visual, geometry], axis=1)
 
 
 def distinct_phrases(phrases: pd.DataFrame) -> tuple[list[str], pd.DataFrame]:

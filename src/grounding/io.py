@@ -90,8 +90,19 @@ def read_csv(path: Path) -> pd.DataFrame:
 
 def write_png(figure: Any, path: Path) -> None:
     """Save a matplotlib figure as PNG."""
+    write_figure(figure, path, "png")
+
+
+FIGURE_FORMATS = ("png", "jpg", "jpeg", "pdf", "svg")
+
+
+def write_figure(figure: Any, path: Path, format: str | None = None) -> None:
+    """Save a matplotlib figure in ``format``, by default the one ``path``'s suffix names."""
+    format = format or path.suffix.lstrip(".").lower()
+    if format not in FIGURE_FORMATS:
+        raise DataError(f"{path}: cannot write a picture as {format!r}; use {FIGURE_FORMATS}")
     with _atomic(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=100)
+        figure.savefig(tmp, format=format, dpi=100)
 
 
 def write_tables(tables: Mapping[str, pd.DataFrame], folder: Path) -> None:
@@ -233,12 +244,21 @@ def image_path(images: Path, image_id: str) -> Path:
 def load_image(images: Path, image_id: str) -> Image.Image:
     """Load ``<images>/<id>.jpg`` as RGB; a missing, truncated or non-image file raises
     :class:`DataError` naming it."""
-    path = image_path(images, image_id)
+    return read_image(image_path(images, image_id))
+
+
+def read_image(path: Path) -> Image.Image:
+    """Load an image file as RGB; a missing, truncated, huge or non-image file raises
+    :class:`DataError` naming it."""
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
     except FileNotFoundError:
         raise DataError(f"{path}: image file missing") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: a folder, not an image file") from None
+    except Image.DecompressionBombError as error:
+        raise DataError(f"{path}: image too large ({error})") from None
     except (UnidentifiedImageError, OSError) as error:
         raise DataError(f"{path}: unreadable image ({error})") from None
 

@@ -4,8 +4,9 @@ Tables written by the stage:
 
 - ``candidates``: ``region_id, image_id, x1, y1, x2, y2, source`` -- the regions a phrase may
   be grounded to. ``region_id`` is the row number, which later stages use to index region
-  features. Today's source is ``annotated`` (the image's distinct annotated boxes, the
-  setting of the original project); another source only has to produce this table.
+  features. ``source`` is ``annotated`` (the image's distinct annotated boxes, the setting
+  of the original project) or ``proposals`` (:mod:`grounding.proposals`, the setting of
+  detection-based grounding: the boxes a model sees in an image nobody annotated).
 - ``phrases``: the paired phrases (columns of :mod:`grounding.parse`'s ``phrases``).
 - ``ground_truth``: ``phrase_id, image_id, x1, y1, x2, y2`` -- each phrase's boxes.
 - ``pairs``: ``phrase_id, region_id, image_id, iou, label`` -- ``iou`` is the region's best
@@ -14,6 +15,7 @@ Tables written by the stage:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,6 +51,19 @@ def annotated_candidates(boxes: pd.DataFrame) -> pd.DataFrame:
     regions = regions[["image_id", *BOX_COLUMNS]].reset_index(drop=True)
     regions.insert(0, "region_id", np.arange(len(regions), dtype=np.int64))
     regions["source"] = "annotated"
+    return regions
+
+
+def proposal_candidates(proposals: Mapping[str, np.ndarray]) -> pd.DataFrame:
+    """Each image's proposals ``{image_id: boxes (N, 4)}`` as candidate regions, in order."""
+    image_ids = sorted(proposals)
+    boxes = [np.asarray(proposals[i], dtype=np.float64).reshape(-1, 4) for i in image_ids]
+    regions = pd.DataFrame(
+        np.concatenate(boxes) if boxes else np.empty((0, 4)), columns=BOX_COLUMNS
+    ).astype(np.float32)
+    regions.insert(0, "image_id", np.repeat(image_ids, [len(b) for b in boxes]).astype(object))
+    regions.insert(0, "region_id", np.arange(len(regions), dtype=np.int64))
+    regions["source"] = "proposals"
     return regions
 
 
@@ -124,13 +139,21 @@ def pair_dataset(
     chain_boxes: pd.DataFrame,
     *,
     pos_iou: float,
+    proposals: Mapping[str, np.ndarray] | None = None,
 ) -> Paired:
     """The pair stage on :mod:`grounding.parse`'s tables: keep images whose file is present,
-    pair their phrases that have boxes, and count everything left out and why."""
+    pair their phrases that have boxes, and count everything left out and why.
+
+    Candidates are the annotated boxes, or with ``proposals`` (``{image_id: boxes}`` of the
+    present images) those boxes.
+    """
     present = set(images.loc[images["has_file"], "image_id"])
     in_present = phrases["image_id"].isin(present)
     kept_phrases = phrases[in_present & phrases["has_box"]].reset_index(drop=True)
-    candidates = annotated_candidates(boxes[boxes["image_id"].isin(present)])
+    if proposals is None:
+        candidates = annotated_candidates(boxes[boxes["image_id"].isin(present)])
+    else:
+        candidates = proposal_candidates({i: b for i, b in proposals.items() if i in present})
     truth = ground_truth(kept_phrases, chain_boxes, boxes)
     pairs = build_pairs(candidates, truth, pos_iou=pos_iou)
 
@@ -139,7 +162,7 @@ def pair_dataset(
         "images": len(images),
         "images_paired": int(pairs["image_id"].nunique()),
         "images_left_out_no_file": len(images) - len(present),
-        "images_left_out_no_box": len(present - set(candidates["image_id"])),
+        "images_left_out_no_candidate": len(present - set(candidates["image_id"])),
         "phrases": len(phrases),
         "phrases_paired": int(pairs["phrase_id"].nunique()),
         "phrases_left_out_no_file": int((~in_present).sum()),

@@ -16,6 +16,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from PIL import Image
 
+from grounding.grounder import Grounding
+
 TRUTH_COLOUR = "#2ca02c"
 PREDICTION_COLOUR = "#d62728"
 
@@ -123,3 +125,32 @@ def _rectangle(box: np.ndarray, colour: str, linestyle: str) -> Rectangle:
     return Rectangle(
         (x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=colour, linewidth=2, linestyle=linestyle
     )
+
+
+#: Colours of the phrases drawn by :func:`groundings` (cycled).
+PHRASE_COLOURS = ("#e41a1c", "#377eb8", "#4daf4a", "#984ea3", "#ff7f00", "#a65628", "#f781bf")
+
+
+def groundings(image: Image.Image, found: Sequence[Grounding]) -> Figure:
+    """The image with each phrase's boxes (one colour per phrase; solid above the threshold,
+    dashed below) and a legend of phrases with their best score."""
+    width, height = image.size
+    scale = 8 / max(width, height)
+    size = (width * scale, height * scale + 0.4 * len(found))
+    figure = Figure(figsize=size, layout="constrained")
+    axes = figure.subplots()
+    axes.imshow(image)
+    axes.axis("off")
+    for index, grounding in enumerate(found):
+        colour = PHRASE_COLOURS[index % len(PHRASE_COLOURS)]
+        for rank, box in enumerate(grounding.boxes):
+            style = "-" if box.above_threshold else "--"
+            patch = _rectangle(np.asarray(box.box), colour, linestyle=style)
+            if rank == 0:
+                patch.set_label(f'"{grounding.phrase}"  {box.score:.2f}')
+            axes.add_patch(patch)
+        if not grounding.boxes:
+            axes.plot([], [], color=colour, label=f'"{grounding.phrase}": {grounding.reason}')
+    if found:
+        figure.legend(loc="outside lower center", fontsize=9, frameon=False)
+    return figure

