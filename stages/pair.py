@@ -14,6 +14,7 @@ from grounding.config import load_params
 from grounding.errors import run
 from grounding.pair import pair_dataset
 from grounding.proposals import ProposalSettings, propose
+from grounding.tracking import repo_root
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -34,7 +35,8 @@ def main(argv: list[str] | None = None) -> None:
     if params.pair.candidates == "proposals":
         images = parsed["images"]
         present = images.loc[images["has_file"], "image_id"].tolist()
-        cache = io.ProposalCache(params.paths.proposals)
+        # in the original checkout even when DVC runs a queued experiment in a temporary copy
+        cache = io.ProposalCache(repo_root() / params.paths.proposals)
         proposals = image_proposals(present, params.data.images_dir, params.proposals, cache)
     paired = pair_dataset(**parsed, pos_iou=params.pair.pos_iou, proposals=proposals)
     tables = paired.tables()
