@@ -23,6 +23,7 @@ from scratch_repo import REPO, commit, run, scratch_repo
 
 REAL_ROOT = REPO.parent / "shared" / "flickr30k_entities"
 COLUMNS = (
+    ("phrases", "test phrases", "{:,}"),
     ("candidates_per_image", "candidates / image", "{:.1f}"),
     ("upper_bound", "upper bound", "{:.3f}"),
     ("recall_at_1", "Recall@1", "{:.3f}"),
@@ -90,7 +91,8 @@ def markdown(results: dict[str, dict], data: str) -> str:
         + (" --real" if "real" in data else "")
         + "`. Test split; a phrase is found when one of its k best candidates has IoU >= 0.5",
         "with one of its boxes. The upper bound caps Recall@k: the share of phrases that any",
-        "candidate covers.",
+        "candidate covers. The random split stratifies images by their positive rate, which",
+        "depends on the candidates: with `--real` the two settings hold out different images.",
         "",
         "| candidates | " + " | ".join(title for _, title, _ in COLUMNS) + " |",
         "|---|" + "---|" * len(COLUMNS),
