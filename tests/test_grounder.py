@@ -226,9 +226,12 @@ def test_an_image_without_proposals_gives_empty_results_with_a_reason(grounder: 
     assert "no proposal survived" in found[0].reason
 
 
-def test_a_bundle_from_elsewhere_is_refused() -> None:
+def test_a_bundle_from_elsewhere_is_refused(bundle: dict) -> None:
     with pytest.raises(DataError, match="not a grounder bundle"):
         Grounder.from_bundle({"head": {}})
+    unknown = {**bundle, "features": {**bundle["features"], "backbone": "vgg-nonexistent"}}
+    with pytest.raises(DataError, match="cannot be rebuilt here"):
+        Grounder.from_bundle(unknown)
 
 
 # --- the pyfunc table --------------------------------------------------------------------
@@ -346,14 +349,31 @@ def test_predict_command_prints_json_and_draws(
             ["--phrase", "a", "--model", "nowhere.pt"],
             "no model here",
         ),
+        (
+            lambda d: (d / "x.jpg").write_bytes(jpeg_bytes(64, 64)),
+            ["--phrase", "a", "--out", "boxes.gif"],
+            "the picture must be one of",
+        ),
+        (
+            lambda d: (d / "x.jpg").write_bytes(jpeg_bytes(64, 64)),
+            ["--phrase", "a", "--model", "runs:/0123456789abcdef/grounder"],
+            "cannot load the model",
+        ),
     ],
 )
 def test_predict_command_reports_user_mistakes_in_one_line(
-    setup, extra: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    setup,
+    extra: list[str],
+    message: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     setup(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["predict", str(tmp_path / "x.jpg"), *extra])
     assert exit_info.value.code == 1
     error = capsys.readouterr().err
-    assert error.startswith("error: ") and message in error, error
+    last = error.strip().splitlines()[-1]  # MLflow may log INFO lines before it
+    assert last.startswith("error: ") and message in last, error

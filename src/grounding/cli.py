@@ -45,6 +45,8 @@ def _predict(args: argparse.Namespace) -> None:
     if args.phrases_file:
         phrases += _read_phrases(args.phrases_file)
     phrases = check_phrases(phrases)
+    if args.out and args.out.suffix.lstrip(".").lower() not in io.FIGURE_FORMATS:
+        raise DataError(f"--out {args.out}: the picture must be one of {io.FIGURE_FORMATS}")
     image = io.read_image(args.image)  # before the model: a bad image fails fast
     started = time.perf_counter()
     grounder = load_grounder(args.model)

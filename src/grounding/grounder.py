@@ -139,6 +139,8 @@ class Grounder:
             )
         except (KeyError, TypeError) as error:
             raise DataError(f"not a grounder bundle of this project (no {error})") from None
+        except ValueError as error:  # a backbone, encoder or setting this install lacks
+            raise DataError(f"the grounder cannot be rebuilt here: {error}") from None
 
     def propose(self, image: Image.Image) -> np.ndarray:
         """The proposals of ``image`` under this grounder's settings (not cached)."""
