@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ from grounding import io, validation
 from grounding.config import load_params
 from grounding.errors import run
 from grounding.pair import pair_dataset
-from grounding.proposals import ProposalSettings, propose
+from grounding.proposals import ProposalSettings
 from grounding.tracking import repo_root
 
 
@@ -54,7 +53,7 @@ def image_proposals(
     found = {}
     for image_id in tqdm(image_ids, desc="proposals", unit="image"):
         image = io.load_image(images_dir, image_id)
-        found[image_id] = cache.get(image, settings, partial(propose, image, settings))
+        found[image_id] = cache.proposals(image, settings)
     return found
 
 

@@ -12,11 +12,9 @@ import os
 import shutil
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
-
-import numpy as np
-from PIL import Image
 
 from grounding import io
 from grounding.errors import DataError, run
@@ -51,14 +49,10 @@ def _predict(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     grounder = load_grounder(args.model)
     loaded = time.perf_counter()
-    cache = None if args.no_cache else io.ProposalCache(args.cache)
-    settings = grounder.proposal_settings
-
-    def proposals(image: Image.Image) -> np.ndarray:
-        if cache is None:
-            return grounder.propose(image)
-        return cache.get(image, settings, lambda: grounder.propose(image))
-
+    proposals = None  # the grounder's own, uncached
+    if not args.no_cache:
+        cache = io.ProposalCache(args.cache)
+        proposals = partial(cache.proposals, settings=grounder.proposal_settings)
     found = grounder.ground(image, phrases, top_k=args.top_k, proposals=proposals)
     done = time.perf_counter()
     result = {

@@ -17,6 +17,7 @@ import tempfile
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from PIL import Image, UnidentifiedImageError
 
 from grounding.errors import DataError
 from grounding.parse import SPLITS, AnnotationFiles, SplitList, read_split_list
+from grounding.proposals import ProposalSettings, propose
 
 IMAGE_SUFFIX = ".jpg"
 
@@ -357,6 +359,11 @@ class ProposalCache:
         boxes = compute()
         write_array(boxes, path)
         return boxes
+
+    def proposals(self, image: Image.Image, settings: ProposalSettings) -> np.ndarray:
+        """:func:`~grounding.proposals.propose` of ``image``, computed once per image and
+        settings."""
+        return self.get(image, settings, partial(propose, image, settings))
 
     @staticmethod
     def key(image: Image.Image, settings: object) -> str:
