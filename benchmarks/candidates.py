@@ -1,13 +1,13 @@
 """Both candidate settings side by side: annotated boxes and selective-search proposals.
 
 Runs the pipeline in a temporary copy of the repository twice, `dvc repro` with
-``pair.candidates=annotated`` then `dvc exp run -S pair.candidates=proposals`, and writes
+``pair.candidates=annotated`` then `dvc exp run -S pair.candidates=selective_search`, and writes
 ``reports/candidates-sample.md`` (``-real`` with ``--real``) and the same as JSON: per
 setting, the candidates per image, the upper bound (share of test phrases some candidate
 covers at IoU >= 0.5), Recall@1/5/10, pair F1 and ROC AUC, and the wall time.
 
-    python benchmarks/candidates.py                      # the shipped sample
-    python benchmarks/candidates.py --real               # the real images in ../shared/
+    python -m benchmarks.candidates                      # the shipped sample
+    python -m benchmarks.candidates --real               # the real images in ../shared/
 """
 
 from __future__ import annotations
@@ -19,9 +19,11 @@ import time
 from pathlib import Path
 
 import yaml
-from scratch_repo import REPO, commit, run, scratch_repo
 
-REAL_ROOT = REPO.parent / "shared" / "flickr30k_entities"
+from benchmarks import REPO, SHARED_DATA
+from benchmarks.scratch_repo import commit, run, scratch_repo
+
+REAL_ROOT = SHARED_DATA
 COLUMNS = (
     ("phrases", "test phrases", "{:,}"),
     ("candidates_per_image", "candidates / image", "{:.1f}"),
@@ -77,9 +79,12 @@ def compare(work: Path, overrides: list[str]) -> dict[str, dict]:
     results["annotated"] = {**_settings(work), "seconds": time.perf_counter() - start}
     commit(work, env, "annotated")
     start = time.perf_counter()
-    run(["dvc", "exp", "run", "-S", "pair.candidates=proposals"], work, env)
+    run(["dvc", "exp", "run", "-S", "pair.candidates=selective_search"], work, env)
     results["proposals"] = {**_settings(work), "seconds": time.perf_counter() - start}
-    results["params"] = {"overrides": overrides, "proposals": params["proposals"]}
+    results["params"] = {
+        "overrides": overrides,
+        "proposals": params["candidates"]["selective_search"],
+    }
     return results
 
 
@@ -87,7 +92,7 @@ def markdown(results: dict[str, dict], data: str) -> str:
     lines = [
         f"# Candidates: annotated boxes vs selective-search proposals ({data})",
         "",
-        "Rebuilt by `python benchmarks/candidates.py"
+        "Rebuilt by `python -m benchmarks.candidates"
         + (" --real" if "real" in data else "")
         + "`. Test split; a phrase is found when one of its k best candidates has IoU >= 0.5",
         "with one of its boxes. The upper bound caps Recall@k: the share of phrases that any",

@@ -1,14 +1,16 @@
 r"""Benchmark of the feature extractors: speed on real images, and (``--compare``) quality.
 
 Speed: for each packaged backbone and image size, images per second of
-:func:`grounding.features.extract_region_features` on decoded Flickr30k Entities images with
-their annotated boxes (JPEG decoding is timed apart), and phrases per second of
-:func:`grounding.features.encode_phrases` on the same images' phrases.
+:func:`grounding.modeling.region_features.extract_region_features` on decoded Flickr30k
+Entities images with their annotated boxes (JPEG decoding is timed apart), and phrases per
+second of :func:`grounding.modeling.text.encode_phrases` on the same images' phrases.
 
 Quality (``--compare``): region features of every candidate of the pipeline's ``pairs``
-tables, phrase embeddings of every phrase, then a small matching head trained on the ``split``
-tables' train pairs; Recall@1 on the test phrases (the top-scored candidate has IoU >= 0.5
-with the phrase's ground truth), next to random-box, largest-box and geometry-only baselines.
+tables, phrase embeddings of every distinct phrase, then the pipeline's own head trained by
+the pipeline's own training (``train:`` of params.yaml: weighted BCE plus the listwise term)
+on the ``split`` tables' train pairs; Recall@1 on the test phrases with the package's Recall@k
+(:func:`grounding.evaluation.metrics.phrase_ranks`), next to random-box, largest-box and
+geometry-only baselines.
 
     PYTHONPATH=src python benchmarks/features.py --out reports/benchmark_features.json
     PYTHONPATH=src python benchmarks/features.py --no-speed --compare --cache /tmp/features-cache \
@@ -25,9 +27,8 @@ import argparse
 import os
 import platform
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from functools import partial
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,20 +36,18 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
-from torch import nn
 
+from benchmarks import REPO, SHARED_DATA
 from grounding import io
-from grounding.boxes import IOU_THRESHOLD
-from grounding.features import (
-    BACKBONES,
-    Backbone,
-    candidate_features,
-    encode_phrases,
-    extract_region_features,
-    load_backbone,
-    load_text_encoder,
-)
-from grounding.flickr30k import parse_annotation, parse_sentences
+from grounding.boxes import box_area
+from grounding.config import load_params
+from grounding.data.formats.flickr30k import Flickr30kReader
+from grounding.evaluation.metrics import IOU_THRESHOLD, phrase_ranks, recall_at_k
+from grounding.modeling.backbones import BACKBONES, Backbone, load_backbone
+from grounding.modeling.region_features import candidate_features, extract_region_features
+from grounding.modeling.scoring import PairFeatures, score_pairs
+from grounding.modeling.text import distinct_phrases, encode_phrases, load_text_encoder
+from grounding.modeling.train import train_head
 
 TEXT_ENCODER = "all-minilm-l6-v2"
 WARM_UP_IMAGES = 3
@@ -59,7 +58,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--dataset",
         type=Path,
-        default=Path("../shared/flickr30k_entities"),
+        default=SHARED_DATA,
         help="a dataset in the Flickr30k Entities layout (annotations.zip, images/)",
     )
     parser.add_argument("--images", type=int, default=200, help="images timed (speed)")
@@ -83,7 +82,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     compare.add_argument(
         "--compare-sizes", nargs="+", type=int, help="image sizes compared (default: --sizes)"
     )
-    compare.add_argument("--epochs", type=int, default=6, help="training epochs of each head")
+    compare.add_argument(
+        "--epochs", type=int, help="training epochs of each head (default: params.yaml's)"
+    )
     compare.add_argument("--seeds", type=int, default=2, help="heads trained per configuration")
     compare.add_argument("--cache", type=Path, help="folder caching extracted features (.npz)")
     return parser.parse_args(argv)
@@ -119,25 +120,23 @@ def _load_average() -> float:
 
 @dataclass(frozen=True)
 class AnnotatedImage:
-    image_id: str
+    file_name: str
     boxes: np.ndarray  # (N, 4) distinct annotated boxes, canonical form
     phrases: list[str]
 
 
 def read_annotated(dataset: Path, limit: int) -> list[AnnotatedImage]:
-    """The first ``limit`` images (by id) that have a JPEG, with their boxes and phrases."""
-    with_file = io.list_image_ids(dataset / "images")
+    """The first ``limit`` images (by id) that have a file, with their boxes and phrases."""
+    present = io.present_files(dataset / "images")
     found = []
-    for files in io.AnnotationReader(io.find_annotations(dataset)):
-        if files.image_id not in with_file:
+    for record in Flickr30kReader.open(dataset, splits=dataset):
+        if record.file_name not in present:
             continue
-        annotation = parse_annotation(files.xml, files.xml_source)
-        boxes = {(o.box.x1, o.box.y1, o.box.x2, o.box.y2) for o in annotation.objects if o.box}
-        captions = parse_sentences(files.sentences, files.sentences_source)
-        phrases = [mention.text for caption in captions for mention in caption.mentions]
+        boxes = {(b.x1, b.y1, b.x2, b.y2) for b in record.boxes}
+        phrases = [phrase.text for caption in record.captions for phrase in caption.phrases]
         found.append(
             AnnotatedImage(
-                files.image_id, np.array(sorted(boxes), np.float32).reshape(-1, 4), phrases
+                record.file_name, np.array(sorted(boxes), np.float32).reshape(-1, 4), phrases
             )
         )
         if len(found) == limit:
@@ -158,7 +157,7 @@ def measure_speed(args: argparse.Namespace) -> dict[str, Any]:
     images_dir = args.dataset / "images"
     decoded: list[Image.Image] = []
     seconds, _, _ = _timed(
-        lambda: decoded.extend(io.load_image(images_dir, a.image_id) for a in annotated)
+        lambda: decoded.extend(io.read_image(images_dir / a.file_name) for a in annotated)
     )
     n_images, n_boxes = len(annotated), sum(len(a.boxes) for a in annotated)
     speed: dict[str, Any] = {
@@ -233,20 +232,19 @@ def region_inputs(
     *,
     image_size: int,
 ) -> dict[str, np.ndarray]:
-    """``visual``, ``context`` (whole image) ``(R, C)`` and ``geometry (R, 7)`` of every row of
-    ``candidates``, in its order."""
+    """``visual``, ``context`` (whole image) ``(R, C)`` and ``geometry (R, 7)`` of every
+    candidate, row = ``region_id``."""
     vectors = np.zeros((len(candidates), 2 * backbone.channels + 7), np.float32)
-    positions = pd.Index(candidates["region_id"])
     for region_ids, rows in candidate_features(
         backbone,
         candidates,
         images,
-        partial(io.load_image, images_dir),
+        io.ImageFolder(images_dir, images),
         image_size=image_size,
         batch_size=1,
         context=True,
     ):
-        vectors[positions.get_indexer(region_ids)] = rows
+        vectors[region_ids] = rows
     visual, context, geometry = np.split(vectors, [backbone.channels, 2 * backbone.channels], 1)
     return {"visual": visual, "context": context, "geometry": geometry}
 
@@ -264,68 +262,10 @@ def _cached(
     return arrays
 
 
-class MatchingHead(nn.Module):
-    """Region and phrase projected to ``hidden``; an MLP on ``[r * p, r, p]`` gives a logit."""
-
-    def __init__(self, region_dim: int, phrase_dim: int, hidden: int = 256) -> None:
-        super().__init__()
-        self.region = nn.Linear(region_dim, hidden)
-        self.phrase = nn.Linear(phrase_dim, hidden)
-        self.score = nn.Sequential(
-            nn.Linear(3 * hidden, hidden), nn.ReLU(), nn.Dropout(0.1), nn.Linear(hidden, 1)
-        )
-
-    def forward(self, regions: torch.Tensor, phrases: torch.Tensor) -> torch.Tensor:
-        r, p = self.region(regions), self.phrase(phrases)
-        return self.score(torch.cat([r * p, r, p], dim=1)).squeeze(1)
-
-
-def train_and_score(
-    regions: np.ndarray,
-    phrases: np.ndarray,
-    train: tuple[np.ndarray, np.ndarray, np.ndarray],
-    evaluate: Sequence[tuple[np.ndarray, np.ndarray]],
-    *,
-    epochs: int,
-    seed: int,
-    batch_size: int = 1024,
-) -> list[np.ndarray]:
-    """Train a head on ``train = (region rows, phrase rows, labels)``; score each
-    ``(region rows, phrase rows)`` of ``evaluate``. Rows index ``regions (R, D)`` and
-    ``phrases (P, E)``."""
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    region_table, phrase_table = torch.from_numpy(regions), torch.from_numpy(phrases)
-    region_rows, phrase_rows = torch.from_numpy(train[0]), torch.from_numpy(train[1])
-    labels = torch.tensor(train[2], dtype=torch.float32)
-    head = MatchingHead(regions.shape[1], phrases.shape[1])
-    optimiser = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=1e-4)
-    head.train()
-    for _ in range(epochs):
-        for batch in torch.randperm(len(labels), generator=generator).split(batch_size):
-            logits = head(region_table[region_rows[batch]], phrase_table[phrase_rows[batch]])
-            loss = nn.functional.binary_cross_entropy_with_logits(logits, labels[batch])
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-    head.eval()
-    with torch.inference_mode():
-        return [
-            head(region_table[torch.from_numpy(r)], phrase_table[torch.from_numpy(p)]).numpy()
-            for r, p in evaluate
-        ]
-
-
-def found_at_1(pairs: pd.DataFrame, scores: np.ndarray) -> pd.Series:
-    """Per phrase (sorted ids), whether its top-scored candidate has IoU >= 0.5; ``pairs`` has
-    one row per candidate, ``scores (N,)`` aligned with it."""
-    table = pairs[["phrase_id", "iou"]].assign(score=scores)
-    top = table.loc[table.groupby("phrase_id")["score"].idxmax()]
-    return (top.set_index("phrase_id")["iou"] >= IOU_THRESHOLD).sort_index()
-
-
-def recall_at_1(pairs: pd.DataFrame, scores: np.ndarray) -> float:
-    return float(found_at_1(pairs, scores).mean())
+def found_at_1(pairs: pd.DataFrame, scores: np.ndarray) -> np.ndarray:
+    """Per phrase (sorted ids), whether its top-scored candidate is a hit, with the package's
+    tie rule (:func:`~grounding.evaluation.metrics.phrase_ranks`)."""
+    return phrase_ranks(pairs, scores)["hit_rank"].to_numpy() == 1
 
 
 def paired_difference(
@@ -344,59 +284,44 @@ def baselines(pairs: pd.DataFrame, candidates: pd.DataFrame) -> dict[str, float]
     ranking can do."""
     hit = pairs["iou"].to_numpy() >= IOU_THRESHOLD
     by_phrase = pd.Series(hit).groupby(pairs["phrase_id"].to_numpy())
-    boxes = candidates.set_index("region_id").loc[pairs["region_id"]]
-    area = ((boxes["x2"] - boxes["x1"]) * (boxes["y2"] - boxes["y1"])).to_numpy()
+    boxes = candidates.set_index("region_id").loc[pairs["region_id"], ["x1", "y1", "x2", "y2"]]
+    area = box_area(boxes.to_numpy(np.float64))
     return {
         "random_box": float(by_phrase.mean().mean()),
-        "largest_box": recall_at_1(pairs, area),
+        "largest_box": recall_at_k(phrase_ranks(pairs, area), 1),
         "upper_bound": float(by_phrase.any().mean()),
     }
 
 
-def _standardise(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Each column to zero mean, unit variance over ``rows`` (the training regions)."""
-    mean, std = values[rows].mean(axis=0), values[rows].std(axis=0) + 1e-6
-    return ((values - mean) / std).astype(np.float32)
-
-
 def compare_backbones(args: argparse.Namespace) -> dict[str, Any]:
+    """Recall@1 on the test phrases of the pipeline's own head and training (``train:`` of
+    params.yaml) on each backbone, image size and set of inputs."""
+    train_params = asdict(load_params(REPO / "params.yaml").train)
+    torch.set_num_threads(train_params.pop("threads"))
+    if args.epochs is not None:
+        train_params["epochs"] = args.epochs
+    seed0 = train_params.pop("seed")
     candidates = io.read_table(args.pairs / "candidates.parquet")
     phrases = io.read_table(args.pairs / "phrases.parquet")
     images = io.read_table(args.parsed / "images.parquet")
     split = {
         name: io.read_table(args.split / f"{name}.parquet") for name in ("train", "val", "test")
     }
-    region_index = pd.Index(candidates["region_id"])
-    phrase_index = pd.Index(phrases["phrase_id"])
-
-    def rows(pairs: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-        return (
-            region_index.get_indexer(pairs["region_id"]),
-            phrase_index.get_indexer(pairs["phrase_id"]),
-        )
-
-    train_rows = (*rows(split["train"]), split["train"]["label"].to_numpy())
-    evaluate = [rows(split["val"]), rows(split["test"])]
-    train_regions = np.unique(train_rows[0])
+    texts, phrase_rows = distinct_phrases(phrases)
 
     cache = args.cache
     start = time.perf_counter()
     embeddings = _cached(
         cache / f"phrases-{TEXT_ENCODER}.npz" if cache else None,
-        lambda: {
-            "phrases": encode_phrases(
-                load_text_encoder(TEXT_ENCODER), phrases["text"].tolist(), batch_size=256
-            )
-        },
+        lambda: {"phrases": encode_phrases(load_text_encoder(TEXT_ENCODER), texts, batch_size=256)},
     )["phrases"]
-    print(f"{len(phrases)} phrase embeddings: {time.perf_counter() - start:.0f} s")
+    print(f"{len(texts)} distinct phrase embeddings: {time.perf_counter() - start:.0f} s")
 
     results: dict[str, Any] = {
         "train_pairs": len(split["train"]),
         "val_phrases": int(split["val"]["phrase_id"].nunique()),
         "test_phrases": int(split["test"]["phrase_id"].nunique()),
-        "epochs": args.epochs,
-        "seeds": args.seeds,
+        "train": {**train_params, "seeds": [seed0 + i for i in range(args.seeds)]},
         "baselines": {name: baselines(split[name], candidates) for name in ("val", "test")},
         "heads": [],
     }
@@ -405,31 +330,25 @@ def compare_backbones(args: argparse.Namespace) -> dict[str, Any]:
     found: dict[tuple[str, str, int], np.ndarray] = {}
 
     def run(label: str, regions: np.ndarray, **extra: Any) -> None:
+        features = PairFeatures.from_arrays(np.ascontiguousarray(regions), embeddings, phrase_rows)
         val, test, test_found = [], [], []
         start = time.perf_counter()
-        standardised = _standardise(regions, train_regions)
-        for seed in range(args.seeds):
-            # cached per head too: a long comparison resumes where it stopped
-            key = f"{label}-{extra.get('backbone')}-{extra.get('image_size')}-{args.epochs}-{seed}"
+        for seed in range(seed0, seed0 + args.seeds):
+            # cached per head: a long comparison resumes where it stopped
+            key = f"{label}-{extra.get('backbone')}-{extra.get('image_size')}-{seed}"
+            key += f"-{train_params['epochs']}"
+
+            def compute(seed: int = seed) -> dict[str, np.ndarray]:
+                model = train_head(
+                    features, split["train"], split["val"], **train_params, seed=seed
+                ).model
+                return {name: score_pairs(model, features, split[name]) for name in ("val", "test")}
+
             scores = _cached(
-                cache / f"scores-{key.replace(' ', '')}.npz" if cache else None,
-                lambda seed=seed: dict(
-                    zip(
-                        ("val", "test"),
-                        train_and_score(
-                            standardised,
-                            embeddings,
-                            train_rows,
-                            evaluate,
-                            epochs=args.epochs,
-                            seed=seed,
-                        ),
-                        strict=True,
-                    )
-                ),
+                cache / f"scores-{key.replace(' ', '')}.npz" if cache else None, compute
             )
-            val.append(recall_at_1(split["val"], scores["val"]))
-            test_found.append(found_at_1(split["test"], scores["test"]).to_numpy())
+            val.append(recall_at_k(phrase_ranks(split["val"], scores["val"]), 1))
+            test_found.append(found_at_1(split["test"], scores["test"]))
             test.append(float(test_found[-1].mean()))
         row = {
             "inputs": label,

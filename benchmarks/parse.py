@@ -1,7 +1,7 @@
 """Benchmark parse on a whole Flickr30k Entities annotation set (default: the real one in
 ../shared): time to read and parse every file into tables, then to validate the tables.
 
-    python benchmarks/parse.py --out parse.json
+    python -m benchmarks.parse --out parse.json
 """
 
 from __future__ import annotations
@@ -11,17 +11,19 @@ import json
 import time
 from pathlib import Path
 
+from benchmarks import SHARED_DATA
 from grounding import io, validation
-from grounding.parse import parse_dataset
-
-REAL = Path(__file__).resolve().parents[2] / "shared" / "flickr30k_entities"
+from grounding.data.formats import dataset_format
+from grounding.data.tables import build_tables
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--root", type=Path, default=REAL, help="dataset in the Flickr30k layout")
+    parser.add_argument(
+        "--root", type=Path, default=SHARED_DATA, help="dataset in the Flickr30k layout"
+    )
     parser.add_argument("--out", type=Path, help="write the figures here (JSON)")
     return parser.parse_args(argv)
 
@@ -29,14 +31,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     start = time.perf_counter()
-    parsed = parse_dataset(
-        io.AnnotationReader(io.find_annotations(args.root)),
-        io.read_split_lists(args.root),
-        io.list_image_ids(args.root / "images"),
-    )
+    flickr30k = dataset_format("flickr30k")
+    reader = flickr30k.open(args.root, splits=args.root)
+    parsed = build_tables(reader, io.present_files(args.root / "images"), reader.skipped)
     parse_s = time.perf_counter() - start
     start = time.perf_counter()
-    validation.check_parsed(parsed.tables())
+    validation.check_parsed(parsed.tables(), types=flickr30k.types)
     results = {
         "parse_s": parse_s,
         "validate_s": time.perf_counter() - start,

@@ -4,7 +4,7 @@ experiment, a no-op `dvc repro`, and feature-extraction throughput on real image
 Runs in a temporary copy of the repository (nothing here is touched) and prints a table;
 ``--out`` also writes the figures as JSON.
 
-    python benchmarks/pipeline.py --out benchmarks/pipeline.json
+    python -m benchmarks.pipeline --out benchmarks/pipeline.json
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from scratch_repo import REPO, commit, run, scratch_repo
+from benchmarks import REPO, SHARED_DATA
+from benchmarks.scratch_repo import commit, run, scratch_repo
 
-REAL_IMAGES = REPO.parent / "shared" / "flickr30k_entities" / "images"
+REAL_IMAGES = SHARED_DATA / "images"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -52,17 +53,18 @@ def pipeline_times(work: Path) -> dict[str, float]:
 
 def feature_throughput(images: Path, n_images: int) -> dict[str, float]:
     import numpy as np
-    from PIL import Image
 
+    from grounding import io
     from grounding.config import load_params
-    from grounding.features import extract_region_features, load_backbone
+    from grounding.modeling.backbones import load_backbone
+    from grounding.modeling.region_features import extract_region_features
 
     params = load_params(REPO / "params.yaml").features
     paths = sorted(images.glob("*.jpg"))[:n_images]
     if not paths:
         return {}
     backbone = load_backbone(params.backbone, params.backbone_weights)
-    loaded = [Image.open(path).convert("RGB") for path in paths]
+    loaded = [io.read_image(path) for path in paths]
     items = [
         (image, np.array([[0, 0, image.width, image.height]] * 6, dtype=np.float32))
         for image in loaded

@@ -9,7 +9,7 @@ process: imports, loading the grounder, proposals, features, scores, JSON), twic
 and, inside one process with the grounder loaded once, the grounding alone (cold and cached).
 Prints the medians; ``--out`` also writes them as JSON.
 
-    python benchmarks/predict.py --model models/grounder.pt
+    python -m benchmarks.predict --model models/grounder.safetensors
 """
 
 from __future__ import annotations
@@ -21,12 +21,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
-from scratch_repo import REPO
+from benchmarks import REPO, SHARED_DATA
 
-REAL_IMAGES = REPO.parent / "shared" / "flickr30k_entities" / "images"
+REAL_IMAGES = SHARED_DATA / "images"
 PHRASES = (
     "a man",
     "a woman in a red shirt",
@@ -40,7 +39,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", default=str(REPO / "models" / "grounder.pt"), help="grounder")
+    parser.add_argument(
+        "--model", default=str(REPO / "models" / "grounder.safetensors"), help="grounder"
+    )
     parser.add_argument("--images", type=Path, default=REAL_IMAGES, help="folder of JPEGs")
     parser.add_argument("--n-images", type=int, default=5, help="images to time")
     parser.add_argument("--out", type=Path, help="write the figures here (JSON)")
@@ -64,7 +65,7 @@ def in_process_seconds(images: list[Path], model: str, cache_dir: Path) -> dict[
     start = time.perf_counter()
     grounder = load_grounder(model)
     load = time.perf_counter() - start
-    proposals = partial(io.ProposalCache(cache_dir).proposals, settings=grounder.proposal_settings)
+    proposals = grounder.proposer(io.ProposalCache(cache_dir))
     times: dict[str, list[float]] = {"load_s": [load], "cold_s": [], "cached_s": []}
     for path in images:
         image = io.read_image(path)

@@ -1,5 +1,6 @@
 """A throw-away copy of the project as a fresh git + DVC repository, for the end-to-end test
-and the pipeline benchmark: what a user has after cloning, without touching this checkout."""
+and the pipeline benchmark: what a user has after cloning (the committed ``dvc.lock``
+included), without touching this checkout."""
 
 from __future__ import annotations
 
@@ -10,7 +11,16 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-COPIED = ("dvc.yaml", "params.yaml", "stages", "src", "data/sample", ".dvcignore")
+COPIED = (
+    "dvc.yaml",
+    "dvc.lock",
+    "params.yaml",
+    "stages",
+    "src",
+    "data/sample",
+    "reports/metrics.json",  # committed: main's metrics before anything is rebuilt
+    ".dvcignore",
+)
 
 
 def run(args: list[str], cwd: Path, env: dict[str, str]) -> str:
@@ -36,6 +46,11 @@ def scratch_repo(work: Path) -> dict[str, str]:
             shutil.copy2(source, target)
     env = {
         **os.environ,
+        # the copied package, not the install of this checkout: the code that runs is the code
+        # whose hashes dvc.lock records, even while this checkout is being edited
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(work / "src"), os.environ.get("PYTHONPATH")])
+        ),
         "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "GIT_AUTHOR_NAME": "scratch",

@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import argparse
-from functools import partial
 from pathlib import Path
 
 from tqdm import tqdm
 
 from grounding import io, validation
-from grounding.boxes import GEOMETRY_COLUMNS
-from grounding.config import ConfigError, load_params
-from grounding.errors import run
-from grounding.features import (
-    candidate_features,
-    distinct_phrases,
-    encode_phrases,
-    load_backbone,
-    load_text_encoder,
-)
+from grounding.config import load_params
+from grounding.errors import ConfigError, run
+from grounding.modeling.backbones import load_backbone
+from grounding.modeling.region_features import candidate_features, region_dim
+from grounding.modeling.text import distinct_phrases, encode_phrases, load_text_encoder
+from grounding.schemas import FeaturesMeta
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -45,14 +40,13 @@ def main(argv: list[str] | None = None) -> None:
         raise ConfigError(f"features: {error}") from None
     texts, phrase_rows = distinct_phrases(phrases)
 
-    visual_width = 2 * backbone.channels if cfg.context else backbone.channels
-    shape = (len(candidates), visual_width + len(GEOMETRY_COLUMNS))
+    shape = (len(candidates), region_dim(backbone, context=cfg.context))
     with io.region_features_writer(args.out, shape) as regions:
         per_image = candidate_features(
             backbone,
             candidates,
             images,
-            partial(io.load_image, params.data.images_dir),
+            io.ImageFolder(params.data.images_dir, images),
             image_size=cfg.image_size,
             batch_size=cfg.batch_size,
             context=cfg.context,
@@ -62,20 +56,20 @@ def main(argv: list[str] | None = None) -> None:
             regions[region_ids] = vectors
         embeddings = encode_phrases(encoder, texts, batch_size=cfg.text_batch_size)
         checks = validation.check_features(regions, embeddings, phrase_rows, candidates, phrases)
-    meta = {
-        "backbone": cfg.backbone,
-        "backbone_weights": str(cfg.backbone_weights) if cfg.backbone_weights else None,
-        "text_encoder": cfg.text_encoder,
-        "image_size": cfg.image_size,
-        "context": cfg.context,
-        "region_dim": shape[1],
-        "phrase_dim": int(embeddings.shape[1]),
-        "regions": shape[0],
-        "phrases": len(phrase_rows),
-    }
+    meta = FeaturesMeta(
+        backbone=cfg.backbone,
+        backbone_weights=str(cfg.backbone_weights) if cfg.backbone_weights else None,
+        text_encoder=cfg.text_encoder,
+        image_size=cfg.image_size,
+        context=cfg.context,
+        region_dim=shape[1],
+        phrase_dim=int(embeddings.shape[1]),
+        regions=shape[0],
+        phrases=len(phrase_rows),
+    )
     io.write_features(args.out, embeddings, phrase_rows, meta)
     io.write_json(validation.report(checks), args.validation)
-    print(", ".join(f"{name} {value}" for name, value in meta.items()))
+    print(", ".join(f"{name} {value}" for name, value in meta.to_dict().items()))
 
 
 if __name__ == "__main__":

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import argparse
+from functools import partial
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
-from grounding import io, validation
-from grounding.config import load_params
+from grounding import candidates, io, validation
+from grounding.config import load_params, repo_root
+from grounding.data.formats import dataset_format
+from grounding.data.pair import pair_dataset
 from grounding.errors import run
-from grounding.pair import pair_dataset
-from grounding.proposals import ProposalSettings
-from grounding.tracking import repo_root
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -30,31 +29,32 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     params = load_params(args.params)
     parsed = io.read_tables(args.parsed, ("images", "phrases", "boxes", "chain_boxes"))
-    proposals = None
-    if params.pair.candidates == "proposals":
-        images = parsed["images"]
-        present = images.loc[images["has_file"], "image_id"].tolist()
+    images = parsed["images"]
+    name = params.pair.candidates
+    regions = candidates.candidate_regions(
+        name,
+        params.candidates.settings(name),
+        images[images["has_file"]],
+        parsed["boxes"],
+        io.ImageFolder(params.data.images_dir, images),
         # in the original checkout even when DVC runs a queued experiment in a temporary copy
-        cache = io.ProposalCache(repo_root() / params.paths.proposals)
-        proposals = image_proposals(present, params.data.images_dir, params.proposals, cache)
-    paired = pair_dataset(**parsed, pos_iou=params.pair.pos_iou, proposals=proposals)
+        cache=io.ProposalCache(repo_root() / params.paths.proposals),
+        progress=partial(tqdm, desc=name, unit="image"),
+    )
+    paired = pair_dataset(
+        **parsed, candidates=candidates.candidates_table(regions, name), pos_iou=params.pair.pos_iou
+    )
     tables = paired.tables()
-    checks = validation.check_paired(tables, parsed["images"])
+    checks = validation.check_paired(
+        tables,
+        images,
+        types=dataset_format(params.data.format).types,
+        sources=list(candidates.GENERATORS),
+    )
     io.write_tables(tables, args.out)
     io.write_json(paired.summary, args.summary)
     io.write_json(validation.report(checks), args.validation)
     print(", ".join(f"{name} {value:,}" for name, value in paired.summary.items()))
-
-
-def image_proposals(
-    image_ids: list[str], images_dir: Path, settings: ProposalSettings, cache: io.ProposalCache
-) -> dict[str, np.ndarray]:
-    """Each image's proposals, from the cache where an earlier run computed them."""
-    found = {}
-    for image_id in tqdm(image_ids, desc="proposals", unit="image"):
-        image = io.load_image(images_dir, image_id)
-        found[image_id] = cache.proposals(image, settings)
-    return found
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""parse: read the Flickr30k Entities annotations of `data.root` into tables."""
+"""parse: read the annotations of `data.root` (in the format `data.format`) into tables."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from tqdm import tqdm
 
 from grounding import io, validation
 from grounding.config import load_params
+from grounding.data.formats import dataset_format
+from grounding.data.tables import build_tables
 from grounding.errors import run
-from grounding.parse import parse_dataset
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -26,15 +27,17 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     params = load_params(args.params)
     data = params.data
-    reader = io.AnnotationReader(io.find_annotations(data.root))
-    parsed = parse_dataset(
-        tqdm(reader, desc="parse", unit="image", mininterval=2),
-        io.read_split_lists(data.splits_dir),
-        io.list_image_ids(data.images_dir),
+    fmt = dataset_format(data.format)
+    reader = fmt.open(
+        data.root,
+        splits=data.splits_dir,
+        files=data.split_files(fmt.name),
         skip_bad_files=params.parse.skip_bad_files,
     )
+    records = tqdm(reader, desc="parse", unit="image", mininterval=2)
+    parsed = build_tables(records, io.present_files(data.images_dir), reader.skipped)
     tables = parsed.tables()
-    checks = validation.check_parsed(tables)
+    checks = validation.check_parsed(tables, types=fmt.types)
     io.write_tables(tables, args.out)
     io.write_json(
         {**parsed.counts(), "skipped": [vars(skipped) for skipped in parsed.skipped]},

@@ -5,29 +5,33 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import asdict
-from functools import partial
 from pathlib import Path
 
-from grounding import io, plots, report, tracking, validation
-from grounding.config import flatten, load_params
+from grounding import io, tracking, validation
+from grounding.config import flatten, load_params, repo_root
 from grounding.errors import run
-from grounding.model import PairFeatures, check_trained_on, head_from_state, score_pairs
+from grounding.evaluation import plots, report
+from grounding.evaluation.metrics import merged_iou
+from grounding.modeling.scoring import TrainedHead
+from grounding.schemas import SPLITS
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     arg = parser.add_argument
     arg("--params", type=Path, default=Path("params.yaml"), help="params file")
+    arg("--parsed", type=Path, required=True, help="folder of parse's tables")
     arg("--pairs", type=Path, required=True, help="folder of pair's tables")
     arg("--split", type=Path, required=True, help="folder of split's pairs")
     arg("--features", type=Path, required=True, help="folder of the features")
-    arg("--model", type=Path, required=True, help="model checkpoint")
+    arg("--model", type=Path, required=True, help="head weights")
     arg("--grounder", type=Path, required=True, help="grounder bundle, logged as a pyfunc model")
     arg("--sweep", type=Path, required=True, help="sweep's summary, with the threshold (JSON)")
     arg("--history", type=Path, required=True, help="train's per-epoch metrics (CSV)")
     arg("--summaries", type=Path, nargs="+", required=True, help="stage summaries (JSON)")
     arg("--figures", type=Path, nargs="+", default=[], help="earlier stages' PNGs to include")
-    arg("--metrics", type=Path, required=True, help="test metrics to write (JSON)")
+    arg("--metrics", type=Path, required=True, help="headline test metrics to write (JSON)")
+    arg("--details", type=Path, required=True, help="the other test metrics to write (JSON)")
     arg("--predictions", type=Path, required=True, help="scored test pairs to write")
     arg("--confusion", type=Path, required=True, help="confusion rows (CSV) + PNG beside")
     arg("--pr-curve", type=Path, required=True, help="precision-recall curve (CSV) + PNG beside")
@@ -41,18 +45,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     params = load_params(args.params)
-    checkpoint = io.read_checkpoint(args.model)
-    *arrays, features_meta = io.read_features(args.features)
-    check_trained_on(checkpoint, features_meta)
-    model = head_from_state(checkpoint)
+    trained = TrainedHead.from_weights(*io.read_weights(args.model))
     pairs = io.read_table(args.split / "test.parquet")
     tables = io.read_tables(args.pairs, ("candidates", "phrases", "ground_truth"))
+    images = io.read_table(args.parsed / "images.parquet")
     threshold = io.read_json(args.sweep)["threshold"]
 
-    scores = score_pairs(model, PairFeatures.from_arrays(*arrays), pairs)
+    scores = trained.score(io.read_features(args.features), pairs)
     predictions = report.predictions_table(pairs, scores, threshold)
     checks = validation.check_predictions(predictions)
-    metrics = report.evaluate(predictions, tables["phrases"], threshold=threshold)
+    merged = merged_iou(predictions, tables["candidates"], tables["ground_truth"])
+    metrics = report.evaluate(
+        predictions, tables["phrases"], threshold=threshold, merged_iou=merged
+    )
+    headline, details = report.headline_and_details(metrics)
     curve = report.pr_curve(predictions)
     chosen = report.choose_examples(
         report.top_predictions(predictions),
@@ -60,12 +66,13 @@ def main(argv: list[str] | None = None) -> None:
         seed=params.report.seed,
     )
     examples = report.gallery_examples(
-        chosen, **tables, load_image=partial(io.load_image, params.data.images_dir)
+        chosen, **tables, load_image=io.ImageFolder(params.data.images_dir, images)
     )
 
     confusion_png, pr_png = args.confusion.with_suffix(".png"), args.pr_curve.with_suffix(".png")
     io.write_table(predictions, args.predictions)
-    io.write_json(metrics, args.metrics)
+    io.write_json(headline, args.metrics)
+    io.write_json(details, args.details)
     io.write_csv(report.confusion_rows(predictions), args.confusion)
     io.write_csv(curve, args.pr_curve)
     io.write_png(plots.confusion_matrix(report.confusion_counts(metrics)), confusion_png)
@@ -79,20 +86,37 @@ def main(argv: list[str] | None = None) -> None:
     print(report.headline(metrics))
 
     if not args.no_mlflow:
-        root = tracking.repo_root()
-        run_id, version = tracking.log_pipeline_run(
-            uri=tracking.tracking_uri(root),
+        root = repo_root()
+        uri = tracking.tracking_uri(root)
+        name = f"{params.data.format}:{params.data.root.name}"
+        run_id, version, champion = tracking.log_pipeline_run(
+            uri=uri,
             artifacts_at=tracking.artifact_location(root),
             params=flatten(asdict(params)),
             history=io.read_csv(args.history),
             metrics=metrics,
-            model=model,
+            validation_f1=io.read_json(args.sweep)["val_f1"],
+            head=args.model,
             grounder=args.grounder,
-            artifacts=[args.report, args.metrics, *figures],
+            artifacts=[args.report, args.metrics, args.details, *figures],
+            datasets=[
+                tracking.DatasetInput(
+                    name,
+                    str(params.data.root.resolve()),
+                    tracking.file_digest(args.split / f"{split}.parquet"),
+                    split,
+                )
+                for split in SPLITS
+            ],
             tags=tracking.run_tags(root),
+            started_at=tracking.pipeline_started_at(),
         )
-        print(f"MLflow run {run_id} in {tracking.tracking_uri(root)}")
-        print(f"grounder registered as models:/{tracking.REGISTERED_MODEL}/{version}")
+        registered = f"models:/{tracking.REGISTERED_MODEL}/{version}"
+        crowned = f" (now @{tracking.CHAMPION}: best validation F1)" if champion else ""
+        print(f"MLflow run {run_id} in {uri}; grounder registered as {registered}{crowned}")
+        print(
+            f"compare the runs: mlflow ui --backend-store-uri {uri}, then {tracking.runs_page(uri)}"
+        )
 
 
 if __name__ == "__main__":

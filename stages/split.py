@@ -7,8 +7,8 @@ from pathlib import Path
 
 from grounding import io, validation
 from grounding.config import load_params
+from grounding.data.split import assign_splits, split_pairs, split_summary
 from grounding.errors import run
-from grounding.split import assign_splits, split_pairs, split_summary
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -1,17 +1,19 @@
 """sweep: choose the decision threshold that maximises F1 on the validation pairs, and bundle
-the head, its threshold and the proposal settings into the grounder `grounding predict` loads."""
+the head, its threshold and the candidate generator into the grounder `grounding predict`
+loads."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from grounding import io, plots
+from grounding import candidates, io
 from grounding.config import load_params
 from grounding.errors import run
-from grounding.grounder import grounder_bundle
-from grounding.metrics import best_threshold, pair_scores, thin, threshold_sweep
-from grounding.model import PairFeatures, check_trained_on, head_from_state, score_pairs
+from grounding.evaluation import plots
+from grounding.evaluation.metrics import best_threshold, pair_scores, thin, threshold_sweep
+from grounding.inference.grounder import grounder_weights
+from grounding.modeling.scoring import TrainedHead
 
 PLOT_POINTS = 400
 
@@ -21,7 +23,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file")
     parser.add_argument("--split", type=Path, required=True, help="folder of split's pairs")
     parser.add_argument("--features", type=Path, required=True, help="folder of the features")
-    parser.add_argument("--model", type=Path, required=True, help="model checkpoint")
+    parser.add_argument("--model", type=Path, required=True, help="head weights")
     parser.add_argument("--summary", type=Path, required=True, help="chosen threshold (JSON)")
     parser.add_argument("--curve", type=Path, required=True, help="sweep curve (CSV)")
     parser.add_argument("--plot", type=Path, required=True, help="sweep curve (PNG)")
@@ -33,12 +35,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    checkpoint = io.read_checkpoint(args.model)
-    *arrays, features_meta = io.read_features(args.features)
-    check_trained_on(checkpoint, features_meta)
-    model = head_from_state(checkpoint)
+    params = load_params(args.params)
+    trained = TrainedHead.from_weights(*io.read_weights(args.model))
     pairs = io.read_table(args.split / "val.parquet")
-    scores = score_pairs(model, PairFeatures.from_arrays(*arrays), pairs)
+    scores = trained.score(io.read_features(args.features), pairs)
     sweep = threshold_sweep(pairs["label"].to_numpy(), scores)
     threshold = best_threshold(sweep)
     best = pair_scores(pairs["label"].to_numpy(), scores, threshold)
@@ -48,8 +48,14 @@ def main(argv: list[str] | None = None) -> None:
         "val_precision": best.precision,
         "val_recall": best.recall,
     }
-    proposals = load_params(args.params).proposals
-    io.write_checkpoint(grounder_bundle(checkpoint, threshold, proposals), args.grounder)
+    proposer = candidates.proposer_for_new_images(params.pair.candidates)
+    grounder = grounder_weights(
+        trained,
+        threshold=threshold,
+        candidates=proposer,
+        settings=params.candidates.settings(proposer),
+    )
+    io.write_weights(*grounder, args.grounder)
     io.write_json(summary, args.summary)
     io.write_csv(thin(sweep, PLOT_POINTS), args.curve)
     io.write_png(plots.threshold_sweep(sweep, threshold), args.plot)

@@ -9,11 +9,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from grounding import io, plots
+from grounding import io
 from grounding.config import load_params
 from grounding.errors import run
-from grounding.model import PairFeatures, head_state
-from grounding.train import train_head
+from grounding.evaluation import plots
+from grounding.modeling.scoring import PairFeatures, TrainedHead
+from grounding.modeling.train import train_head
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -21,7 +22,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file")
     parser.add_argument("--split", type=Path, required=True, help="folder of split's pairs")
     parser.add_argument("--features", type=Path, required=True, help="folder of the features")
-    parser.add_argument("--model", type=Path, required=True, help="model checkpoint to write")
+    parser.add_argument("--model", type=Path, required=True, help="head weights to write")
     parser.add_argument("--summary", type=Path, required=True, help="last epoch (JSON)")
     parser.add_argument("--history", type=Path, required=True, help="per-epoch metrics (CSV)")
     parser.add_argument("--plot", type=Path, required=True, help="training curves (PNG)")
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
             bar.update()
 
         result = train_head(features, pairs["train"], pairs["val"], **settings, on_epoch=show)
-    io.write_checkpoint({**head_state(result.model), "features": meta}, args.model)
+    io.write_weights(*TrainedHead(result.model, meta).to_weights(), args.model)
     io.write_csv(result.history, args.history)
     io.write_json(result.history.iloc[-1].to_dict(), args.summary)
     io.write_png(plots.training_curves(result.history), args.plot)

@@ -28,10 +28,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from grounding.parse import AnnotationFiles, ParsedDataset, SplitList, parse_dataset
+from benchmarks import REPO as REPO_ROOT
+from benchmarks import SHARED_DATA
+from grounding.data.formats.flickr30k import AnnotationFiles, Flickr30kReader, SplitList
+from grounding.data.tables import ParsedDataset, build_tables
 
-REPO_ROOT = Path(__file__).parents[1]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "flickr30k_entities"
+__all__ = ["REPO_ROOT", "SHARED_DATA"]
 
 XmlBox = tuple[int, int, int, int]  # (xmin, ymin, xmax, ymax), 1-based inclusive, as in the XML
 
@@ -267,7 +269,20 @@ def tiny_split_lists(images: Sequence[TinyImage] = TINY_IMAGES) -> list[SplitLis
 
 
 def tiny_image_files(images: Sequence[TinyImage] = TINY_IMAGES) -> set[str]:
-    return {image.image_id for image in images if image.has_file}
+    """The file names (``<id>.jpg``) of the images whose file exists."""
+    return {f"{image.image_id}.jpg" for image in images if image.has_file}
+
+
+def parse_dataset(
+    annotation_files: Sequence[AnnotationFiles],
+    split_lists: Sequence[SplitList],
+    image_files: set[str],
+    *,
+    skip_bad_files: bool = False,
+) -> ParsedDataset:
+    """What the parse stage does with a Flickr30k Entities dataset, on files in memory."""
+    reader = Flickr30kReader(list(annotation_files), split_lists, skip_bad_files=skip_bad_files)
+    return build_tables(reader, image_files, reader.skipped)
 
 
 def write_dataset(

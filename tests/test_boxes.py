@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from grounding.boxes import IOU_THRESHOLD, box_geometry, box_iou
+from grounding.boxes import GEOMETRY_COLUMNS, box_area, box_geometry, box_iou
 
 
 def test_iou_of_identical_boxes_is_one() -> None:
@@ -31,10 +31,18 @@ def test_iou_hand_values() -> None:
     np.testing.assert_allclose(iou, expected, rtol=1e-12)
 
 
-def test_iou_protocol_threshold_is_half() -> None:
-    assert IOU_THRESHOLD == 0.5
-    # (0,0,10,10) vs (0,0,10,5): exactly 0.5
+def test_iou_of_a_box_and_its_top_half_is_exactly_half() -> None:
+    # (0,0,10,10) vs (0,0,10,5): 50 / 100, the protocol's threshold, with no rounding error
     assert box_iou(np.array([[0, 0, 10, 10]]), np.array([[0, 0, 10, 5]]))[0, 0] == 0.5
+
+
+def test_box_area_hand_values_and_shapes() -> None:
+    boxes = np.array([[0, 0, 2, 3], [10, 20, 30, 60], [5, 5, 5, 9]], dtype=np.float32)
+    np.testing.assert_array_equal(box_area(boxes), [6.0, 800.0, 0.0])
+    # any leading shape: (2, 1, 4) -> (2, 1)
+    assert box_area(boxes[:2].reshape(2, 1, 4)).tolist() == [[6.0], [800.0]]
+    # an inverted box (x2 < x1) has a negative area: box_area does not clip
+    assert box_area(np.array([[4.0, 0.0, 1.0, 2.0]])).tolist() == [-6.0]
 
 
 def test_box_geometry_hand_example() -> None:
@@ -42,6 +50,8 @@ def test_box_geometry_hand_example() -> None:
     geometry = box_geometry(boxes, width=np.array([100, 50]), height=np.array([200, 100]))
     assert geometry.dtype == np.float32
     assert geometry.shape == (2, 7)
+    # the columns are named in the order box_geometry stacks them
+    assert GEOMETRY_COLUMNS == ("x1", "y1", "x2", "y2", "centre_x", "centre_y", "area")
     np.testing.assert_allclose(
         geometry,
         [

@@ -11,12 +11,15 @@ import yaml
 from conftest import REPO_ROOT
 
 from grounding.config import (
-    ConfigError,
+    CandidatesParams,
     Params,
+    SelectiveSearchParams,
     flatten,
     load_params,
     params_from_dict,
+    repo_root,
 )
+from grounding.errors import ConfigError
 
 PARAMS_FILE = REPO_ROOT / "params.yaml"
 
@@ -35,7 +38,10 @@ def test_repo_params_load_with_their_types() -> None:
     assert params.data.splits_dir == params.data.root / params.data.splits
     assert isinstance(params.paths.parsed, Path)
     assert isinstance(params.parse.skip_bad_files, bool)
+    assert params.data.format == "flickr30k"
     assert params.pair.candidates == "annotated"
+    assert params.train.head == "matching"
+    assert params.paths.model.suffix == params.paths.grounder.suffix == ".safetensors"
     assert type(params.pair.pos_iou) is float and 0 < params.pair.pos_iou <= 1
     assert params.split.strategy in ("official", "random")
     assert type(params.split.seed) is int
@@ -83,7 +89,9 @@ def test_missing_section_is_named(raw: dict[str, Any]) -> None:
         ("parse", "skip_bad_files", 1),
         ("parse", "skip_bad_files", "no"),
         ("data", "root", 3),
-        ("pair", "candidates", "detector"),  # Literal["annotated", "proposals"]
+        ("data", "format", 3),
+        ("pair", "candidates", ["annotated"]),
+        ("train", "head", None),
         ("split", "strategy", "stratified"),  # Literal["official", "random"]
     ],
 )
@@ -126,7 +134,89 @@ def test_flatten() -> None:
     }
 
 
-def test_a_section_that_checks_its_own_values_is_named(raw: dict[str, Any]) -> None:
-    raw["proposals"]["max_side"] = 8
-    with pytest.raises(ConfigError, match=r"^proposals: proposals need max_side >= 16"):
+def test_nested_section_keys_are_named_with_their_full_path(raw: dict[str, Any]) -> None:
+    raw["candidates"]["selective_search"]["mode"] = "slow"  # Literal["fast", "quality"]
+    with pytest.raises(ConfigError, match=r"^candidates\.selective_search\.mode: 'slow' is not"):
+        params_from_dict(raw)
+    del raw["candidates"]["selective_search"]["mode"]
+    with pytest.raises(
+        ConfigError, match=r"missing key\(s\) \['candidates\.selective_search\.mode'\]"
+    ):
+        params_from_dict(raw)
+
+
+def test_the_old_proposals_section_is_refused(raw: dict[str, Any]) -> None:
+    # `proposals:` became `candidates: selective_search:`; a stale params.yaml fails by name
+    raw["proposals"] = raw["candidates"].pop("selective_search")
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['proposals'\]"):
+        params_from_dict(raw)
+
+
+def test_generator_format_and_head_names_are_left_to_their_registries(
+    raw: dict[str, Any],
+) -> None:
+    # any string loads: the registries (candidates, data.formats, modeling.head) refuse it
+    raw["data"]["format"] = "coco"
+    raw["pair"]["candidates"] = "proposals"
+    raw["train"]["head"] = "transformer"
+    params = params_from_dict(raw)
+    assert (params.data.format, params.pair.candidates, params.train.head) == (
+        "coco",
+        "proposals",
+        "transformer",
+    )
+
+
+def test_candidates_settings_by_generator_name() -> None:
+    selective_search = SelectiveSearchParams(
+        mode="quality", max_side=200, min_size=8, dedupe_iou=0.6, max_proposals=50
+    )
+    candidates = CandidatesParams(selective_search=selective_search)
+    assert candidates.settings("selective_search") == {
+        "mode": "quality",
+        "max_side": 200,
+        "min_size": 8,
+        "dedupe_iou": 0.6,
+        "max_proposals": 50,
+    }
+    assert candidates.settings("annotated") == {}  # a generator without settings
+
+
+def test_repo_params_give_selective_search_its_settings() -> None:
+    settings = load_params(PARAMS_FILE).candidates.settings("selective_search")
+    assert set(settings) == {"mode", "max_side", "min_size", "dedupe_iou", "max_proposals"}
+    assert settings["mode"] in ("fast", "quality")
+    assert type(settings["dedupe_iou"]) is float
+
+
+def test_repo_root_is_dvc_root_when_dvc_runs_the_stage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    assert repo_root() == tmp_path.resolve()
+    monkeypatch.delenv("DVC_ROOT")
+    monkeypatch.chdir(tmp_path)
+    assert repo_root() == tmp_path.resolve()
+
+
+def test_split_files_of_a_format_leave_out_missing_splits(raw: dict[str, Any]) -> None:
+    raw["data"]["odvg"] = {"train": "train.jsonl", "val": None, "test": "test.jsonl"}
+    data = params_from_dict(raw).data
+    assert data.split_files("odvg") == {"train": Path("train.jsonl"), "test": Path("test.jsonl")}
+    assert data.split_files("flickr30k") == {}  # its split lists are a folder, not files
+
+
+def test_each_format_names_its_split_files(raw: dict[str, Any]) -> None:
+    data = load_params(PARAMS_FILE).data
+    assert data.split_files("odvg") == {
+        "train": Path("train.jsonl"),
+        "val": Path("val.jsonl"),
+        "test": Path("test.jsonl"),
+    }
+    assert data.split_files("mdetr")["test"] == Path("final_flickr_separateGT_test.json")
+    assert data.split_files("flickr30k") == {}  # its split lists live in data.splits
+    raw["data"]["odvg"]["val"] = None  # a dataset without a val split
+    assert set(params_from_dict(raw).data.split_files("odvg")) == {"train", "test"}
+    raw["data"]["odvg"]["dev"] = "dev.jsonl"
+    with pytest.raises(ConfigError, match=r"data\.odvg\.dev"):
         params_from_dict(raw)

@@ -8,30 +8,40 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
-import torch
+import stand_ins
 
-from grounding.grounder import grounder_bundle
-from grounding.io import write_checkpoint
-from grounding.model import HeadConfig, MatchingHead, head_state
-from grounding.proposals import ProposalSettings
+from grounding.inference.grounder import grounder_weights
+from grounding.io import write_weights
 from grounding.tracking import (
+    CHAMPION,
     EXPERIMENT,
     REGISTERED_MODEL,
+    DatasetInput,
     artifact_location,
+    file_digest,
     log_pipeline_run,
     numeric_metrics,
+    pipeline_started_at,
     run_tags,
     tracking_uri,
 )
 
-PROPOSALS = ProposalSettings(
-    mode="fast", max_side=300, min_size=16, dedupe_iou=0.7, max_proposals=100
-)
-
 
 def test_numeric_metrics_flattens_and_drops_text() -> None:
-    metrics = {"f1": 0.5, "by_type": {"people": 0.25}, "name": "x", "count": 3, "ok": True}
-    assert numeric_metrics(metrics) == {"f1": 0.5, "by_type.people": 0.25, "count": 3.0}
+    metrics = {
+        "f1": 0.5,
+        "by_type": {"people": 0.25, "scene": {"outdoor": 1}},
+        "name": "x",
+        "count": 3,
+        "ok": True,
+        "list": [1, 2],
+    }
+    assert numeric_metrics(metrics) == {
+        "f1": 0.5,
+        "by_type.people": 0.25,
+        "by_type.scene.outdoor": 1.0,
+        "count": 3.0,
+    }
 
 
 def test_tracking_uri_defaults_to_the_repo_and_respects_the_environment(
@@ -50,10 +60,8 @@ def test_run_tags_name_the_dvc_experiment(tmp_path: Path, monkeypatch: pytest.Mo
     assert tags["git_commit"] == "unknown"
 
 
-def test_log_pipeline_run_records_params_history_metrics_model_and_files(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("DVC_EXP_NAME", "tidy-lamb")
+def _logged_run(tmp_path: Path, *, validation_f1: float, pos_weight: float = 3.0):
+    """Log one run of a stand-in grounder into ``tmp_path``'s store."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     report = tmp_path / "report.md"
     report.write_text("# report\n")
@@ -61,40 +69,119 @@ def test_log_pipeline_run_records_params_history_metrics_model_and_files(
         {"epoch": [1, 2], "train_loss": [0.9, 0.4], "val_recall_at_1": [0.5, 0.7]}
     )
     metrics = {"f1": 0.8, "recall_at_1": 0.7, "roc_auc": float("nan"), "by_type": {"other": 0.6}}
-    head = MatchingHead(HeadConfig(4, 3, 8, 0.0))
-    grounder = tmp_path / "grounder.pt"
-    checkpoint = {**head_state(head), "features": {"backbone": "efficientnet-lite0"}}
-    write_checkpoint(grounder_bundle(checkpoint, 0.5, PROPOSALS), grounder)
-    run_id, version = log_pipeline_run(
+    trained = stand_ins.trained_head()
+    head, grounder = tmp_path / "head.safetensors", tmp_path / "grounder.safetensors"
+    write_weights(*trained.to_weights(), head)
+    write_weights(
+        *grounder_weights(
+            trained, threshold=0.5, candidates="selective_search", settings=stand_ins.SETTINGS
+        ),
+        grounder,
+    )
+    (tmp_path / "test.parquet").write_bytes(b"the pairs")
+    logged = log_pipeline_run(
         uri=uri,
         artifacts_at=artifact_location(tmp_path),
-        params={"train.pos_weight": 3.0, "data.root": "data/sample"},
+        params={"train.pos_weight": pos_weight, "data.root": "data/sample"},
         history=history,
         metrics=metrics,
-        model=head,
+        validation_f1=validation_f1,
+        head=head,
         grounder=grounder,
         artifacts=[report],
-        tags={"git_commit": "abc", "dvc_experiment": "tidy-lamb"},
+        datasets=[
+            DatasetInput(
+                "flickr30k:sample", str(tmp_path), file_digest(tmp_path / "test.parquet"), "test"
+            )
+        ],
+        tags={"git_commit": "abcdef123456", "dvc_experiment": "tidy-lamb"},
+        started_at=1_000_000.0,
     )
+    return uri, trained, logged
+
+
+def test_log_pipeline_run_records_params_history_metrics_model_and_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DVC_EXP_NAME", "tidy-lamb")
+    uri, trained, (run_id, version, champion) = _logged_run(tmp_path, validation_f1=0.7)
     client = mlflow.MlflowClient(tracking_uri=uri)
     run = client.get_run(run_id)
     assert run.info.run_name == "tidy-lamb"
+    assert run.info.status == "FINISHED"
+    assert run.info.start_time == 1_000_000_000  # the pipeline's start, not the logging's
     assert run.data.params["train.pos_weight"] == "3.0"
     assert run.data.metrics["f1"] == pytest.approx(0.8)
+    assert run.data.metrics["val_f1"] == pytest.approx(0.7)
     assert run.data.metrics["by_type.other"] == pytest.approx(0.6)
     assert "roc_auc" not in run.data.metrics  # NaN is not logged
     assert run.data.tags["dvc_experiment"] == "tidy-lamb"
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    (dataset,) = run.inputs.dataset_inputs
+    assert (dataset.dataset.name, dataset.dataset.digest) == (
+        "flickr30k:sample",
+        file_digest(tmp_path / "test.parquet"),
+    )
+    assert [t.value for t in dataset.tags if t.key == "mlflow.data.context"] == ["test"]
     steps = client.get_metric_history(run_id, "train_loss")
     assert [(m.step, m.value) for m in steps] == [(1, 0.9), (2, 0.4)]
     names = {artifact.path for artifact in client.list_artifacts(run_id)}
     assert "report.md" in names
-    assert client.get_experiment_by_name(EXPERIMENT).artifact_location.startswith(
-        (tmp_path / "mlruns").as_uri()
-    )
-    loaded = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
-    inputs = (torch.ones(2, 4), torch.ones(2, 3))
-    torch.testing.assert_close(loaded.eval()(*inputs), head.eval()(*inputs))
+    assert experiment.artifact_location.startswith((tmp_path / "mlruns").as_uri())
+    # the head's weights, as the safetensors file: no pickle anywhere in the run
+    (head_file,) = client.list_artifacts(run_id, "model")
+    local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=head_file.path))
+    assert local.read_bytes() == (tmp_path / "head.safetensors").read_bytes()
+    store = tmp_path / "mlruns"
+    assert not [path for path in store.rglob("*") if path.suffix in (".pkl", ".pickle")]
     assert json.loads(json.dumps(run.data.params))  # plain strings, JSON-serialisable
-    # the whole grounder is registered, from this run
-    assert version == "1"
+    # the whole grounder is registered, from this run, and is the first champion
+    assert (version, champion) == ("1", True)
     assert client.get_model_version(REGISTERED_MODEL, version).run_id == run_id
+    stand_ins.install(monkeypatch)  # the grounder file names the stand-in models
+    served = mlflow.pyfunc.load_model(f"models:/{REGISTERED_MODEL}@{CHAMPION}")
+    rebuilt = served.unwrap_python_model().grounder
+    assert (rebuilt.threshold, rebuilt.candidates) == (0.5, "selective_search")
+    assert rebuilt.features == trained.features
+
+
+def test_the_champion_moves_only_to_a_better_validation_f1(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    uri, _, (_, first, crowned) = _logged_run(tmp_path, validation_f1=0.7)
+    assert crowned
+    _, _, (run_id, worse, crowned) = _logged_run(tmp_path, validation_f1=0.6)
+    assert not crowned
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    assert client.get_run(run_id).info.run_name == "abcdef1"  # no DVC experiment: the commit
+    assert str(client.get_model_version_by_alias(REGISTERED_MODEL, CHAMPION).version) == first
+    _, _, (_, tie, crowned) = _logged_run(tmp_path, validation_f1=0.7)
+    assert not crowned  # a tie keeps the older champion
+    _, _, (_, better, crowned) = _logged_run(tmp_path, validation_f1=0.9)
+    assert crowned
+    assert str(client.get_model_version_by_alias(REGISTERED_MODEL, CHAMPION).version) == better
+    assert (worse, tie, better) == ("2", "3", "4")
+
+
+def test_a_run_left_running_by_a_killed_report_is_marked_failed(tmp_path: Path) -> None:
+    uri, _, (first, _, _) = _logged_run(tmp_path, validation_f1=0.7)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    killed = client.create_run(experiment.experiment_id).info.run_id  # never ended
+    _logged_run(tmp_path, validation_f1=0.6)
+    assert client.get_run(killed).info.status == "FAILED"
+    assert client.get_run(first).info.status == "FINISHED"
+
+
+def test_pipeline_started_at_is_none_outside_dvc() -> None:
+    assert pipeline_started_at() is None  # pytest's ancestors are no `dvc repro`
+
+
+def test_file_digest_changes_with_the_bytes(tmp_path: Path) -> None:
+    path = tmp_path / "pairs.parquet"
+    path.write_bytes(b"one")
+    first = file_digest(path)
+    path.write_bytes(b"two")
+    assert file_digest(path) != first and len(first) == 16

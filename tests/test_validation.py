@@ -6,14 +6,19 @@ one context (it is cached per process), so the file stays fast.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
 
 from grounding import validation
-from grounding.pair import Paired, pair_dataset
-from grounding.parse import ParsedDataset
-from grounding.split import split_pairs
+from grounding.candidates import GENERATORS, candidates_table
+from grounding.candidates.annotated import annotated_regions
+from grounding.data.formats.flickr30k import TYPES
+from grounding.data.pair import Paired, pair_dataset
+from grounding.data.split import split_pairs
+from grounding.data.tables import ParsedDataset
 from grounding.validation import ValidationError
 
 
@@ -24,7 +29,12 @@ def copy_tables(parsed: ParsedDataset) -> dict[str, pd.DataFrame]:
 @pytest.fixture(scope="module")
 def paired(tiny_parsed: ParsedDataset) -> Paired:
     t = tiny_parsed
-    return pair_dataset(t.images, t.phrases, t.boxes, t.chain_boxes, pos_iou=0.5)
+    candidates = candidates_table(annotated_regions(t.boxes), "annotated")
+    return pair_dataset(t.images, t.phrases, t.boxes, t.chain_boxes, candidates, pos_iou=0.5)
+
+
+def check_paired(tables: dict[str, pd.DataFrame], images: pd.DataFrame) -> list:
+    return validation.check_paired(tables, images, types=TYPES, sources=list(GENERATORS))
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +47,7 @@ def split_tables(paired: Paired) -> dict[str, pd.DataFrame]:
 
 
 def test_check_parsed_passes_on_good_tables(tiny_parsed: ParsedDataset) -> None:
-    checks = validation.check_parsed(copy_tables(tiny_parsed))
+    checks = validation.check_parsed(copy_tables(tiny_parsed), types=TYPES)
     assert {check.table for check in checks} == {
         "images",
         "captions",
@@ -59,7 +69,7 @@ def test_box_beyond_the_image_width_is_named_counted_and_shown(
     boxes = tables["boxes"]
     boxes.loc[(boxes["image_id"] == "300") & (boxes["box_id"] == 0), "x2"] = 51.0  # width 50
     with pytest.raises(ValidationError) as caught:
-        validation.check_parsed(tables)
+        validation.check_parsed(tables, types=TYPES)
     message = str(caught.value)
     assert caught.value.table == "boxes"
     assert message.startswith("boxes: 1 expectation(s) failed")
@@ -77,7 +87,7 @@ def test_unknown_type_is_named_and_shown(tiny_parsed: ParsedDataset) -> None:
     tables["phrases"].loc[9, ["types", "first_type"]] = ["animals/robots", "animals"]
     tables["phrases"].loc[10, ["types", "first_type"]] = ["dogs", "dogs"]
     with pytest.raises(ValidationError) as caught:
-        validation.check_parsed(tables)
+        validation.check_parsed(tables, types=TYPES)
     message = str(caught.value)
     assert message.startswith("phrases: 2 expectation(s) failed")
     assert "expect_column_values_to_match_regex(column='types'" in message
@@ -91,7 +101,7 @@ def test_duplicated_phrase_id_is_named_and_shown(tiny_parsed: ParsedDataset) -> 
     tables = copy_tables(tiny_parsed)
     tables["phrases"].loc[20, "phrase_id"] = 3
     with pytest.raises(ValidationError) as caught:
-        validation.check_parsed(tables)
+        validation.check_parsed(tables, types=TYPES)
     message = str(caught.value)
     assert "expect_column_values_to_be_unique(column='phrase_id'): 2 of 36 rows" in message
     assert [f.expectation for f in caught.value.failures] == ["expect_column_values_to_be_unique"]
@@ -102,13 +112,53 @@ def test_extra_column_fails_the_schema(tiny_parsed: ParsedDataset) -> None:
     tables = copy_tables(tiny_parsed)
     tables["chains"]["colour"] = "red"
     with pytest.raises(ValidationError, match=r"expect_table_columns_to_match_set\(.*table-level"):
-        validation.check_parsed(tables)
+        validation.check_parsed(tables, types=TYPES)
+
+
+def test_phrase_types_are_free_text_for_a_format_without_types(
+    tiny_parsed: ParsedDataset,
+) -> None:
+    tables = copy_tables(tiny_parsed)
+    tables["phrases"]["types"] = ""
+    tables["phrases"]["first_type"] = ""
+    assert all(check.success for check in validation.check_parsed(tables, types=None))
+    with pytest.raises(ValidationError, match=r"first_type.*: 36 of 36 rows"):
+        validation.check_parsed(tables, types=TYPES)
+
+
+@pytest.mark.parametrize(
+    ("types", "matches"),
+    [
+        ("people", True),
+        ("vehicles/scene", True),
+        ("people/people", True),
+        ("people/", False),
+        ("/people", False),
+        ("people//scene", False),
+        ("peoples", False),
+        ("", False),
+    ],
+)
+def test_types_pattern(types: str, matches: bool) -> None:
+    pattern = validation.types_pattern(("people", "vehicles", "scene"))
+    assert (re.fullmatch(pattern, types) is not None) == matches
+
+
+def test_images_table_without_file_names_fails_the_schema(tiny_parsed: ParsedDataset) -> None:
+    tables = copy_tables(tiny_parsed)
+    tables["images"] = tables["images"].drop(columns="file_name")  # written before file_name
+    with pytest.raises(ValidationError) as caught:
+        validation.check_parsed(tables, types=TYPES)
+    assert caught.value.table == "images"
+    assert "expect_table_columns_to_match_set(" in str(caught.value)
+    assert "'file_name'" in str(caught.value)
 
 
 def test_validate_failure_rows_of_a_table_with_the_default_index() -> None:
     table = pd.DataFrame(
         {
             "image_id": ["a", "b", "c"],
+            "file_name": ["a.jpg", "b.jpg", "c.jpg"],
             "width": [10, 0, 10],
             "height": [10, 10, 10],
             "split": ["train", "val", "test"],
@@ -119,7 +169,7 @@ def test_validate_failure_rows_of_a_table_with_the_default_index() -> None:
         validation.validate(table, "images", validation.images_suite())
     assert "1 of 3 rows" in str(caught.value)
     assert [line.split() for line in str(caught.value).splitlines()[3:4]] == [
-        ["1", "b", "0", "10", "val", "True"]
+        ["1", "b", "b.jpg", "0", "10", "val", "True"]
     ]
 
 
@@ -127,6 +177,7 @@ def test_validate_failure_rows_of_a_table_with_another_index() -> None:
     table = pd.DataFrame(
         {
             "image_id": ["a", "b", "c"],
+            "file_name": ["a.jpg", "b.jpg", "c.jpg"],
             "width": [10, 0, 10],
             "height": [10, 10, 10],
             "split": ["train", "val", "test"],
@@ -137,14 +188,14 @@ def test_validate_failure_rows_of_a_table_with_another_index() -> None:
     with pytest.raises(ValidationError) as caught:
         validation.validate(table, "images", validation.images_suite())
     shown = [line.split() for line in str(caught.value).splitlines()[3:]]
-    assert ["20", "b", "0", "10", "val", "True"] in shown
+    assert ["20", "b", "b.jpg", "0", "10", "val", "True"] in shown
 
 
 # --- pair -----------------------------------------------------------------------------------
 
 
 def test_check_paired_passes_on_good_tables(paired: Paired, tiny_parsed: ParsedDataset) -> None:
-    checks = validation.check_paired(paired.tables(), tiny_parsed.images)
+    checks = check_paired(paired.tables(), tiny_parsed.images)
     assert all(check.success for check in checks)
     assert {check.table for check in checks} == {"candidates", "phrases", "ground_truth", "pairs"}
 
@@ -153,7 +204,7 @@ def test_check_paired_catches_a_duplicated_pair(paired: Paired, tiny_parsed: Par
     tables = {name: table.copy() for name, table in paired.tables().items()}
     tables["pairs"] = pd.concat([tables["pairs"], tables["pairs"].iloc[[4]]], ignore_index=True)
     with pytest.raises(ValidationError) as caught:
-        validation.check_paired(tables, tiny_parsed.images)
+        check_paired(tables, tiny_parsed.images)
     assert "expect_compound_columns_to_be_unique(column_list=['phrase_id', 'region_id'])" in str(
         caught.value
     )
@@ -164,7 +215,47 @@ def test_check_paired_catches_an_iou_above_one(paired: Paired, tiny_parsed: Pars
     tables = {name: table.copy() for name, table in paired.tables().items()}
     tables["pairs"].loc[0, "iou"] = np.float32(1.5)
     with pytest.raises(ValidationError, match=r"expect_column_values_to_be_between\(column='iou'"):
-        validation.check_paired(tables, tiny_parsed.images)
+        check_paired(tables, tiny_parsed.images)
+
+
+def test_check_paired_catches_a_source_that_is_no_generator(
+    paired: Paired, tiny_parsed: ParsedDataset
+) -> None:
+    tables = {name: table.copy() for name, table in paired.tables().items()}
+    tables["candidates"].loc[[0, 3], "source"] = "proposals"  # the old name of selective search
+    with pytest.raises(ValidationError) as caught:
+        check_paired(tables, tiny_parsed.images)
+    message = str(caught.value)
+    assert message.startswith("candidates: 1 expectation(s) failed")
+    assert (
+        "expect_column_values_to_be_in_set(column='source', "
+        "value_set=['annotated', 'selective_search']): 2 of 10 rows" in message
+    )
+
+
+# --- predictions ----------------------------------------------------------------------------
+
+
+def predictions_of(paired: Paired) -> pd.DataFrame:
+    pairs = paired.pairs
+    return pairs.assign(score=pairs["iou"].astype(float), predicted=pairs["label"])
+
+
+def test_check_predictions_passes_on_scored_pairs(paired: Paired) -> None:
+    checks = validation.check_predictions(predictions_of(paired))
+    assert all(check.success for check in checks)
+    assert {check.table for check in checks} == {"predictions"}
+
+
+def test_check_predictions_catches_a_score_above_one_and_a_missing_column(
+    paired: Paired,
+) -> None:
+    predictions = predictions_of(paired)
+    predictions.loc[5, "score"] = 1.25
+    with pytest.raises(ValidationError, match=r"column='score'.*: 1 of 66 rows"):
+        validation.check_predictions(predictions)
+    with pytest.raises(ValidationError, match=r"expect_table_columns_to_match_set"):
+        validation.check_predictions(predictions_of(paired).drop(columns="predicted"))
 
 
 # --- split ----------------------------------------------------------------------------------

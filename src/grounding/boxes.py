@@ -1,7 +1,7 @@
 """Box arithmetic on arrays of boxes in the package's canonical form.
 
 ``boxes (ndarray[N, 4])`` are ``(x1, y1, x2, y2)`` absolute pixels, 0-based, exclusive ends
-(:mod:`grounding.flickr30k` converts the dataset's 1-based inclusive boxes once). NumPy only:
+(each dataset format converts its own convention once, in its reader). NumPy only:
 the stages that label and score boxes need not import torch (seconds of start-up each).
 """
 
@@ -15,9 +15,6 @@ BOX_COLUMNS: list[str] = ["x1", "y1", "x2", "y2"]
 #: Columns of :func:`box_geometry`.
 GEOMETRY_COLUMNS: tuple[str, ...] = ("x1", "y1", "x2", "y2", "centre_x", "centre_y", "area")
 
-#: The protocol's threshold: a box "finds" a phrase at IoU >= 0.5 with its ground truth.
-IOU_THRESHOLD = 0.5
-
 
 def box_iou(boxes1: np.ndarray, boxes2: np.ndarray) -> np.ndarray:
     """IoU of every box in ``boxes1 (N, 4)`` with every box in ``boxes2 (M, 4)``: ``(N, M)``
@@ -27,11 +24,24 @@ def box_iou(boxes1: np.ndarray, boxes2: np.ndarray) -> np.ndarray:
     width = (np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0])).clip(min=0)
     height = (np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1])).clip(min=0)
     intersection = width * height
-    union = _area(a) + _area(b) - intersection
+    union = box_area(a) + box_area(b) - intersection
     return np.divide(intersection, union, out=np.zeros_like(intersection), where=union > 0)
 
 
-def _area(boxes: np.ndarray) -> np.ndarray:
+def aligned_iou(boxes1: np.ndarray, boxes2: np.ndarray) -> np.ndarray:
+    """IoU of each box in ``boxes1 (N, 4)`` with the box in the same row of ``boxes2 (N, 4)``:
+    ``(N,)`` float64 (0 where two empty boxes meet)."""
+    a = np.asarray(boxes1, dtype=np.float64).reshape(-1, 4)
+    b = np.asarray(boxes2, dtype=np.float64).reshape(-1, 4)
+    width = (np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0])).clip(min=0)
+    height = (np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1])).clip(min=0)
+    intersection = width * height
+    union = box_area(a) + box_area(b) - intersection
+    return np.divide(intersection, union, out=np.zeros_like(intersection), where=union > 0)
+
+
+def box_area(boxes: np.ndarray) -> np.ndarray:
+    """Areas ``(...)`` of ``boxes (..., 4)`` in square pixels (negative for inverted boxes)."""
     return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
 
 
@@ -53,7 +63,7 @@ def box_geometry(boxes: np.ndarray, width: np.ndarray, height: np.ndarray) -> np
             y2 / h,
             (x1 + x2) / (2 * w),
             (y1 + y2) / (2 * h),
-            (x2 - x1) * (y2 - y1) / (w * h),
+            box_area(boxes) / (w * h),
         ],
         axis=1,
     ).astype(np.float32)

@@ -2,6 +2,7 @@
 
 ``grounding sample --out data/sample`` regenerates the shipped synthetic sample, byte for byte.
 ``grounding predict IMAGE --phrase "a man" --phrase "a red shirt"`` grounds phrases in an image.
+``grounding convert --from flickr30k --to odvg data/sample out`` converts a dataset's annotations.
 """
 
 from __future__ import annotations
@@ -12,19 +13,19 @@ import os
 import shutil
 import sys
 import time
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from grounding import io
-from grounding.errors import DataError, run
+from grounding.data.formats import FORMATS
+from grounding.errors import ConfigError, DataError, run
 
 if TYPE_CHECKING:
-    from grounding.grounder import Grounder
+    from grounding.inference.grounder import Grounder
 
 
 def _sample(args: argparse.Namespace) -> None:
-    from grounding.sample import generate_sample
+    from grounding.data.sample import generate_sample
 
     dataset = generate_sample(seed=args.seed, n_images=args.images)
     # replace an earlier sample's files, and nothing else that may live in the folder
@@ -35,7 +36,7 @@ def _sample(args: argparse.Namespace) -> None:
 
 
 def _predict(args: argparse.Namespace) -> None:
-    from grounding.grounder import check_phrases, phrases_from_caption
+    from grounding.inference.grounder import check_phrases, phrases_from_caption
 
     phrases = list(args.phrase)
     for caption in args.caption:
@@ -49,10 +50,7 @@ def _predict(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     grounder = load_grounder(args.model)
     loaded = time.perf_counter()
-    proposals = None  # the grounder's own, uncached
-    if not args.no_cache:
-        cache = io.ProposalCache(args.cache)
-        proposals = partial(cache.proposals, settings=grounder.proposal_settings)
+    proposals = grounder.proposer(None if args.no_cache else io.ProposalCache(args.cache))
     found = grounder.ground(image, phrases, top_k=args.top_k, proposals=proposals)
     done = time.perf_counter()
     result = {
@@ -63,9 +61,9 @@ def _predict(args: argparse.Namespace) -> None:
         "seconds": {"load_model": round(loaded - started, 3), "ground": round(done - loaded, 3)},
     }
     if args.out:
-        from grounding import plots
+        from grounding.inference.drawing import groundings
 
-        io.write_figure(plots.groundings(image, found), args.out)
+        io.write_figure(groundings(image, found), args.out)
         result["out"] = str(args.out)
     json.dump(result, sys.stdout, indent=2)
     print()
@@ -80,22 +78,59 @@ def _read_phrases(path: Path) -> list[str]:
     return [line for line in lines if line.strip()]
 
 
+def _convert(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from grounding.config import load_params
+
+    source, target = FORMATS[args.source], FORMATS[args.target]
+    if target.write is None:  # argparse offers only writable formats
+        raise ConfigError(f"--to {target.name}: the format is read-only")
+    if not args.params.is_file():
+        raise ConfigError(f"{args.params}: no params file (it names each split's file)")
+    data = load_params(args.params).data
+    reader = source.open(
+        args.input,
+        splits=args.input / data.splits,
+        files=data.split_files(source.name),
+        skip_bad_files=args.skip_bad_files,
+    )
+    written = target.write(tqdm(reader, desc=f"{source.name} -> {target.name}", unit="image"))
+    files = data.split_files(target.name)
+    for split, count in written.images.items():
+        if count and split not in files:
+            raise ConfigError(
+                f"data.{target.name}.{split} is null in {args.params}, but {count} images are "
+                f"in the {split} split"
+            )
+    for split, name in files.items():
+        io.write_text(written.texts[split], args.output / name)
+        print(f"{args.output / name}: {written.images[split]:,} images")
+    left_out = dict(written.left_out)
+    if reader.skipped:
+        left_out["records that break the format (--skip-bad-files)"] = len(reader.skipped)
+    for reason, count in left_out.items():
+        print(f"left out: {count:,} {reason}")
+
+
 def load_grounder(model: str) -> Grounder:
-    """A :class:`~grounding.grounder.Grounder` from a bundle file (``models/grounder.pt``), a
-    logged pyfunc model's folder, or an MLflow model URI (``runs:/<id>/grounder``,
-    ``models:/phrase-grounder/<version>``) in the store of :mod:`grounding.tracking`."""
-    from grounding.grounder import Grounder
+    """A :class:`~grounding.inference.grounder.Grounder` from its weights file
+    (``models/grounder.safetensors``), a logged pyfunc model's folder, or an MLflow model URI
+    (``runs:/<id>/grounder``, ``models:/phrase-grounder/<version>``) in the store of
+    :mod:`grounding.tracking`."""
+    from grounding.inference.grounder import Grounder
 
     path = Path(model)
     if "://" not in model and ":/" not in model and not (path / "MLmodel").exists():
-        return Grounder.from_bundle(io.read_checkpoint(path))
+        return Grounder.from_weights(*io.read_weights(path))
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import mlflow
     from mlflow.exceptions import MlflowException
 
     from grounding import tracking
+    from grounding.config import repo_root
 
-    mlflow.set_tracking_uri(tracking.tracking_uri(tracking.repo_root()))
+    mlflow.set_tracking_uri(tracking.tracking_uri(repo_root()))
     try:
         loaded = mlflow.pyfunc.load_model(model)
     except (MlflowException, OSError) as error:
@@ -129,8 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
         "predict",
         help="ground phrases in an image: each phrase's best boxes as JSON",
         description=(
-            "Ground phrases in an image with a trained grounder: selective-search proposals "
-            "(cached per image), one pass of the backbone for all phrases, the head's scores. "
+            "Ground phrases in an image with a trained grounder: its candidate generator's "
+            "boxes (cached per image), one pass of the backbone for all phrases, the head's "
+            "scores. "
             "Prints JSON: per phrase its best boxes (x1, y1, x2, y2 in pixels) with scores."
         ),
     )
@@ -147,8 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--phrases-file", type=Path, help="a file of phrases, one per line")
     predict.add_argument(
         "--model",
-        default="models/grounder.pt",
-        help="grounder bundle file, pyfunc model folder, or MLflow URI "
+        default="models/grounder.safetensors",
+        help="grounder weights file, pyfunc model folder, or MLflow URI "
         "(runs:/<run id>/grounder, models:/phrase-grounder/<version>); default %(default)s",
     )
     predict.add_argument("--top-k", type=int, default=1, help="boxes per phrase (default 1)")
@@ -159,10 +195,50 @@ def build_parser() -> argparse.ArgumentParser:
         "--cache",
         type=Path,
         default=_default_cache(),
-        help="folder of cached proposals (default %(default)s)",
+        help="folder of cached candidate boxes (default %(default)s)",
     )
-    predict.add_argument("--no-cache", action="store_true", help="always compute proposals")
+    predict.add_argument("--no-cache", action="store_true", help="always compute the boxes")
     predict.set_defaults(handler=_predict)
+
+    convert = commands.add_parser(
+        "convert",
+        help="convert a dataset's annotations to another format (odvg, mdetr)",
+        description=(
+            "Read the annotations of the dataset at IN in one format and write them to OUT in "
+            "another, each split to the file that params.yaml names for it (data.odvg, "
+            "data.mdetr), so that the pipeline reads OUT with -S data.format=... -S "
+            "data.root=OUT. Images are not copied: keep them in data.images under OUT. What "
+            "the target format cannot hold is counted on the last lines."
+        ),
+    )
+    convert.add_argument(
+        "--from",
+        dest="source",
+        required=True,
+        choices=sorted(FORMATS),
+        help="the format of IN",
+    )
+    convert.add_argument(
+        "--to",
+        dest="target",
+        required=True,
+        choices=sorted(name for name, fmt in FORMATS.items() if fmt.write is not None),
+        help="the format to write (flickr30k is read-only)",
+    )
+    convert.add_argument("input", type=Path, metavar="IN", help="the dataset's folder")
+    convert.add_argument("output", type=Path, metavar="OUT", help="the folder to write")
+    convert.add_argument(
+        "--params",
+        type=Path,
+        default=Path("params.yaml"),
+        help="params file whose data section names each split's file (default %(default)s)",
+    )
+    convert.add_argument(
+        "--skip-bad-files",
+        action="store_true",
+        help="leave out the records that break the format (counted) instead of stopping",
+    )
+    convert.set_defaults(handler=_convert)
     return parser
 
 

@@ -8,31 +8,48 @@ library only ever sees well-typed values. ``dvc exp run -S train.pos_weight=3`` 
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
-from grounding.proposals import ProposalSettings
+from grounding.errors import ConfigError
 
 
-class ConfigError(ValueError):
-    """``params.yaml`` does not match the types below; the message names the key."""
+@dataclass(frozen=True)
+class SplitFiles:
+    """The annotation file of each split (None: the dataset has no such split)."""
+
+    train: Path | None
+    val: Path | None
+    test: Path | None
+
+    def named(self) -> dict[str, Path]:
+        """``{split: file}`` for the splits that have a file."""
+        files = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        return {split: name for split, name in files.items() if name is not None}
 
 
 @dataclass(frozen=True)
 class DataParams:
-    """Where the dataset lives: ``root`` with the Flickr30k Entities layout.
+    """Where the dataset lives and in which format (a name of
+    :data:`grounding.data.formats.FORMATS`, checked when the parse stage opens the data).
 
-    ``images`` and ``splits`` are relative to ``root`` unless absolute.
+    ``images`` and ``splits`` (the folder of Flickr30k's split lists) are relative to ``root``
+    unless absolute; so are the files of ``odvg`` and ``mdetr``, whose split is the file.
     """
 
+    format: str
     root: Path
     images: Path
     splits: Path
+    odvg: SplitFiles
+    mdetr: SplitFiles
 
     @property
     def images_dir(self) -> Path:
@@ -41,6 +58,12 @@ class DataParams:
     @property
     def splits_dir(self) -> Path:
         return self.root / self.splits
+
+    def split_files(self, name: str) -> dict[str, Path]:
+        """The file of each split of format ``name``, relative to the dataset's root; empty
+        for a format whose annotations are not split into files (flickr30k)."""
+        files = getattr(self, name, None)
+        return files.named() if isinstance(files, SplitFiles) else {}
 
 
 @dataclass(frozen=True)
@@ -54,7 +77,7 @@ class PathParams:
     model: Path
     grounder: Path
     reports: Path
-    proposals: Path  # cache of each image's proposals (not a DVC output: kept across runs)
+    proposals: Path  # cache of each image's proposed candidates (not a DVC output: kept)
 
 
 @dataclass(frozen=True)
@@ -64,8 +87,34 @@ class ParseParams:
 
 @dataclass(frozen=True)
 class PairParams:
-    candidates: Literal["annotated", "proposals"]
+    """``candidates``: a generator of :data:`grounding.candidates.GENERATORS` (checked by the
+    registry when the pair stage asks it for the generator)."""
+
+    candidates: str
     pos_iou: float
+
+
+@dataclass(frozen=True)
+class SelectiveSearchParams:
+    """:func:`grounding.candidates.selective_search.propose`'s settings (it checks the values)."""
+
+    mode: Literal["fast", "quality"]
+    max_side: int
+    min_size: int
+    dedupe_iou: float
+    max_proposals: int
+
+
+@dataclass(frozen=True)
+class CandidatesParams:
+    """The settings of each candidate generator that has settings, by generator name."""
+
+    selective_search: SelectiveSearchParams
+
+    def settings(self, name: str) -> dict[str, Any]:
+        """The keyword settings of generator ``name`` (empty for one without settings)."""
+        section = getattr(self, name, None)
+        return dataclasses.asdict(section) if section is not None else {}
 
 
 @dataclass(frozen=True)
@@ -94,6 +143,10 @@ class FeaturesParams:
 
 @dataclass(frozen=True)
 class TrainParams:
+    """``head``: a head of :data:`grounding.modeling.head.HEADS` (checked when it is built:
+    the registry lives beside torch, which this module does not import)."""
+
+    head: str
     pos_weight: float
     rank_weight: float
     epochs: int
@@ -118,7 +171,7 @@ class Params:
     paths: PathParams
     parse: ParseParams
     pair: PairParams
-    proposals: ProposalSettings
+    candidates: CandidatesParams
     split: SplitParams
     features: FeaturesParams
     train: TrainParams
@@ -203,18 +256,25 @@ def params_from_dict(values: dict[str, Any]) -> Params:
     return _build(Params, values, "")
 
 
+def repo_root() -> Path:
+    """The repository the pipeline belongs to: ``DVC_ROOT`` when DVC runs the stage (a queued
+    experiment runs in a temporary copy, and caches belong to the original checkout)."""
+    return Path(os.environ.get("DVC_ROOT", ".")).resolve()
+
+
 def load_params(path: Path) -> Params:
     """Read and check ``params.yaml``."""
     with open(path, encoding="utf-8") as handle:
         return params_from_dict(yaml.safe_load(handle))
 
 
-def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"train": {"lr": 1e-3}}`` -> ``{"train.lr": 1e-3}`` (for experiment trackers)."""
+def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 1e-3}}`` -> ``{"train.lr": 1e-3}`` (for experiment trackers and
+    reports; the one flatten of the package)."""
     flat: dict[str, Any] = {}
     for name, value in values.items():
         key = _join(prefix, name)
-        if isinstance(value, dict):
+        if isinstance(value, Mapping):
             flat.update(flatten(value, key))
         else:
             flat[key] = value

@@ -1,8 +1,9 @@
 """The problems a person must fix, and how entry points report them.
 
-:class:`DataError` (and its kinds: a file that breaks the format, a table that fails its
-suite) and :class:`~grounding.config.ConfigError` end a command with their message and exit
-status 1, never a bare traceback; anything else is a bug and keeps its traceback.
+:class:`DataError` (and its kinds: a file that breaks its format, a table that fails its
+suite) and :class:`ConfigError` end a command with their message and exit status 1, never a
+bare traceback; anything else is a bug and keeps its traceback. This module imports nothing
+of the package, so every other module may import it.
 """
 
 from __future__ import annotations
@@ -10,11 +11,26 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from grounding.config import ConfigError
-
 
 class DataError(Exception):
     """A problem with the data that a person must fix; the message says where."""
+
+
+class ConfigError(ValueError):
+    """``params.yaml`` (or a command's options) do not match their types; the message names
+    the key."""
+
+
+class FormatError(DataError):
+    """A file that breaks its dataset format; the message names the file and the line (or the
+    record, such as ``images[3]``)."""
+
+    def __init__(self, source: str, message: str, line: int | None = None) -> None:
+        where = f"{source}:{line}" if line is not None else source
+        super().__init__(f"{where}: {message}")
+        self.source = source
+        self.line = line
+        self.reason = message
 
 
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataError)

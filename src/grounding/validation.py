@@ -1,7 +1,8 @@
 """Great Expectations suites for every table a stage writes, and the runner that applies them.
 
-Each ``*_suite`` function returns the expectations of one artifact (its schema first: the exact
-column set); :func:`validate` runs them on an in-memory DataFrame in an ephemeral context (no
+Each ``*_suite`` function returns the expectations of one artifact, starting from its
+:class:`~grounding.schemas.TableSchema` (the exact column set, the unique key, no nulls);
+:func:`validate` runs them on an in-memory DataFrame in an ephemeral context (no
 files, no network) and raises :class:`ValidationError` with a message a person can act on:
 which expectation failed, on how many rows, and a few offending rows.
 """
@@ -17,11 +18,29 @@ import numpy as np
 import pandas as pd
 
 from grounding.errors import DataError
-from grounding.flickr30k import TYPES
+from grounding.schemas import (
+    BOXES,
+    CANDIDATES,
+    CAPTIONS,
+    CHAIN_BOXES,
+    CHAINS,
+    GROUND_TRUTH,
+    IMAGES,
+    PAIRS,
+    PHRASE_ROWS,
+    PHRASES,
+    PREDICTIONS,
+    SPLITS,
+    TableSchema,
+)
 
-_TYPE = "|".join(TYPES)
-TYPES_PATTERN = rf"^(?:{_TYPE})(?:/(?:{_TYPE}))*$"
 _SHOWN_ROWS = 5
+
+
+def types_pattern(types: Sequence[str]) -> str:
+    """The regex of a ``/``-joined list of ``types`` (``people/scene``)."""
+    alternatives = "|".join(types)
+    return rf"^(?:{alternatives})(?:/(?:{alternatives}))*$"
 
 
 @dataclass(frozen=True)
@@ -144,6 +163,14 @@ def _not_null(columns: Sequence[str]) -> list[Any]:
     return [e.ExpectColumnValuesToNotBeNull(column=column) for column in columns]
 
 
+def _table(schema: TableSchema, *, keyed: bool = True, extra: Sequence[str] = ()) -> list[Any]:
+    """A table's schema as expectations: exactly its columns (and ``extra``: the columns a
+    check joins on), none null, its key unique (unless ``keyed`` is false)."""
+    columns = [*schema.columns, *extra]
+    key = [_unique(*schema.key)] if keyed and schema.key else []
+    return [*_schema(columns), *_not_null(columns), *key]
+
+
 def _boxes_inside_image() -> list[Any]:
     """On a table with ``x1, y1, x2, y2, width, height``: boxes non-empty and inside."""
     e = _gx()
@@ -159,49 +186,32 @@ def _boxes_inside_image() -> list[Any]:
 
 def images_suite() -> list[Any]:
     e = _gx()
-    columns = ["image_id", "width", "height", "split", "has_file"]
     return [
-        *_schema(columns),
-        *_not_null(columns),
-        _unique("image_id"),
+        *_table(IMAGES),
         e.ExpectColumnValuesToBeBetween(column="width", min_value=1),
         e.ExpectColumnValuesToBeBetween(column="height", min_value=1),
-        e.ExpectColumnValuesToBeInSet(column="split", value_set=["train", "val", "test", "none"]),
+        e.ExpectColumnValuesToBeInSet(column="split", value_set=[*SPLITS, "none"]),
     ]
 
 
 def captions_suite() -> list[Any]:
     e = _gx()
-    columns = ["image_id", "caption_index", "text", "n_phrases"]
-    return [
-        *_schema(columns),
-        *_not_null(columns),
-        _unique("image_id", "caption_index"),
-        e.ExpectColumnValuesToBeBetween(column="n_phrases", min_value=0),
-    ]
+    return [*_table(CAPTIONS), e.ExpectColumnValuesToBeBetween(column="n_phrases", min_value=0)]
 
 
-def phrases_suite() -> list[Any]:
+def phrases_suite(types: Sequence[str] | None) -> list[Any]:
+    """``types``: the entity types the dataset's format allows (None: free text)."""
     e = _gx()
-    columns = [
-        "phrase_id",
-        "image_id",
-        "caption_index",
-        "phrase_index",
-        "chain_id",
-        "types",
-        "first_type",
-        "text",
-        "first_word",
-        "has_box",
-    ]
+    typed = []
+    if types is not None:
+        typed = [
+            e.ExpectColumnValuesToBeInSet(column="first_type", value_set=list(types)),
+            e.ExpectColumnValuesToMatchRegex(column="types", regex=types_pattern(types)),
+        ]
     return [
-        *_schema(columns),
-        *_not_null(columns),
-        _unique("phrase_id"),
+        *_table(PHRASES),
         _unique("image_id", "caption_index", "phrase_index"),
-        e.ExpectColumnValuesToBeInSet(column="first_type", value_set=list(TYPES)),
-        e.ExpectColumnValuesToMatchRegex(column="types", regex=TYPES_PATTERN),
+        *typed,
         e.ExpectColumnValuesToBeBetween(column="chain_id", min_value=0),
         e.ExpectColumnValueLengthsToBeBetween(column="text", min_value=1),
     ]
@@ -209,63 +219,43 @@ def phrases_suite() -> list[Any]:
 
 def boxes_suite() -> list[Any]:
     """On boxes joined with their image's ``width, height``."""
-    columns = ["image_id", "box_id", "x1", "y1", "x2", "y2", "width", "height"]
-    return [
-        *_schema(columns),
-        *_not_null(columns),
-        _unique("image_id", "box_id"),
-        *_boxes_inside_image(),
-    ]
+    return [*_table(BOXES, extra=("width", "height")), *_boxes_inside_image()]
 
 
 def chain_boxes_suite() -> list[Any]:
-    columns = ["image_id", "chain_id", "box_id"]
-    return [*_schema(columns), *_not_null(columns), _unique(*columns)]
+    return _table(CHAIN_BOXES)
 
 
 def chains_suite() -> list[Any]:
     e = _gx()
-    columns = ["image_id", "chain_id", "n_boxes", "nobndbox", "scene"]
-    return [
-        *_schema(columns),
-        *_not_null(columns),
-        _unique("image_id", "chain_id"),
-        e.ExpectColumnValuesToBeBetween(column="n_boxes", min_value=0),
-    ]
+    return [*_table(CHAINS), e.ExpectColumnValuesToBeBetween(column="n_boxes", min_value=0)]
 
 
-def candidates_suite() -> list[Any]:
-    """On candidates joined with their image's ``width, height``."""
+def candidates_suite(sources: Sequence[str]) -> list[Any]:
+    """On candidates joined with their image's ``width, height``; ``sources``: the names of
+    the candidate generators (:data:`grounding.candidates.GENERATORS`)."""
     e = _gx()
-    columns = ["region_id", "image_id", "x1", "y1", "x2", "y2", "source", "width", "height"]
     return [
-        *_schema(columns),
-        *_not_null(columns),
-        _unique("region_id"),
-        e.ExpectColumnValuesToBeInSet(column="source", value_set=["annotated", "proposals"]),
+        *_table(CANDIDATES, extra=("width", "height")),
+        e.ExpectColumnValuesToBeInSet(column="source", value_set=sorted(sources)),
         *_boxes_inside_image(),
     ]
 
 
 def ground_truth_suite() -> list[Any]:
     """On ground truth joined with its image's ``width, height``."""
-    columns = ["phrase_id", "image_id", "x1", "y1", "x2", "y2", "width", "height"]
-    return [*_schema(columns), *_not_null(columns), *_boxes_inside_image()]
+    return [*_table(GROUND_TRUTH, extra=("width", "height")), *_boxes_inside_image()]
 
 
-def pairs_suite(extra_columns: Sequence[str] = ()) -> list[Any]:
+def pairs_suite(*, unique: bool, schema: TableSchema = PAIRS) -> list[Any]:
+    """Pairs (or a table that extends them): ``unique`` false for the balanced training pairs,
+    which repeat positives."""
     e = _gx()
-    columns = ["phrase_id", "region_id", "image_id", "iou", "label", *extra_columns]
     return [
-        *_schema(columns),
-        *_not_null(columns),
+        *_table(schema, keyed=unique),
         e.ExpectColumnValuesToBeBetween(column="iou", min_value=0, max_value=1),
         e.ExpectColumnValuesToBeInSet(column="label", value_set=[0, 1]),
     ]
-
-
-def unique_pairs() -> Any:
-    return _unique("phrase_id", "region_id")
 
 
 def split_images_suite() -> list[Any]:
@@ -274,7 +264,7 @@ def split_images_suite() -> list[Any]:
     return [
         *_schema(["image_id", "split"]),
         _unique("image_id"),
-        e.ExpectColumnValuesToBeInSet(column="split", value_set=["train", "val", "test"]),
+        e.ExpectColumnValuesToBeInSet(column="split", value_set=list(SPLITS)),
     ]
 
 
@@ -290,28 +280,38 @@ def _with_image_size(table: pd.DataFrame, images: pd.DataFrame) -> pd.DataFrame:
     return table.merge(images[["image_id", "width", "height"]], on="image_id", how="left")
 
 
-def check_parsed(tables: dict[str, pd.DataFrame]) -> list[CheckResult]:
-    """The suites of every table of :mod:`grounding.parse`."""
+def check_parsed(
+    tables: dict[str, pd.DataFrame], *, types: Sequence[str] | None
+) -> list[CheckResult]:
+    """The suites of every table of the parse stage; ``types`` as in :func:`phrases_suite`."""
     images = tables["images"]
     return [
         *validate(images, "images", images_suite()),
         *validate(tables["captions"], "captions", captions_suite()),
-        *validate(tables["phrases"], "phrases", phrases_suite()),
+        *validate(tables["phrases"], "phrases", phrases_suite(types)),
         *validate(_with_image_size(tables["boxes"], images), "boxes", boxes_suite()),
         *validate(tables["chain_boxes"], "chain_boxes", chain_boxes_suite()),
         *validate(tables["chains"], "chains", chains_suite()),
     ]
 
 
-def check_paired(tables: dict[str, pd.DataFrame], images: pd.DataFrame) -> list[CheckResult]:
-    """The suites of every table of :mod:`grounding.pair`."""
+def check_paired(
+    tables: dict[str, pd.DataFrame],
+    images: pd.DataFrame,
+    *,
+    types: Sequence[str] | None,
+    sources: Sequence[str],
+) -> list[CheckResult]:
+    """The suites of every table of the pair stage (``types`` and ``sources`` as in
+    :func:`phrases_suite` and :func:`candidates_suite`)."""
+    candidates = _with_image_size(tables["candidates"], images)
     return [
-        *validate(_with_image_size(tables["candidates"], images), "candidates", candidates_suite()),
-        *validate(tables["phrases"], "phrases", phrases_suite()),
+        *validate(candidates, "candidates", candidates_suite(sources)),
+        *validate(tables["phrases"], "phrases", phrases_suite(types)),
         *validate(
             _with_image_size(tables["ground_truth"], images), "ground_truth", ground_truth_suite()
         ),
-        *validate(tables["pairs"], "pairs", [*pairs_suite(), unique_pairs()]),
+        *validate(tables["pairs"], "pairs", pairs_suite(unique=True)),
     ]
 
 
@@ -334,11 +334,9 @@ def check_split(
     )
     checks = validate(images, "split_images", split_images_suite())
     for name, table in tables.items():
-        expectations = pairs_suite()
+        expectations = pairs_suite(unique=name != "train")
         if name == "train":
             expectations.append(share)
-        else:
-            expectations.append(unique_pairs())
         checks += validate(table, f"{name}_pairs", expectations)
     return checks
 
@@ -347,8 +345,7 @@ def check_predictions(predictions: pd.DataFrame) -> list[CheckResult]:
     """Scored pairs: the pair schema plus ``score`` in [0, 1] and ``predicted`` in {0, 1}."""
     e = _gx()
     expectations = [
-        *pairs_suite(extra_columns=("score", "predicted")),
-        unique_pairs(),
+        *pairs_suite(unique=True, schema=PREDICTIONS),
         e.ExpectColumnValuesToBeBetween(column="score", min_value=0, max_value=1),
         e.ExpectColumnValuesToBeInSet(column="predicted", value_set=[0, 1]),
     ]
@@ -388,9 +385,8 @@ def check_features(
             phrase_rows,
             "phrase_rows",
             [
-                *_schema(["phrase_id", "row"]),
+                *_table(PHRASE_ROWS),
                 e.ExpectTableRowCountToEqual(value=len(phrases)),
-                _unique("phrase_id"),
                 e.ExpectColumnValuesToBeBetween(
                     column="row", min_value=0, max_value=len(embeddings) - 1
                 ),

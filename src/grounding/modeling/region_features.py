@@ -1,0 +1,207 @@
+"""Region features: what a backbone sees in each candidate box, and where the box is.
+
+The image is resized (longer side ``image_size``, aspect kept), padded with the mean colour to
+a multiple of the trunk's stride, passed once through the trunk, and every box ``(x1, y1, x2,
+y2)`` (absolute pixels of the *original* image, 0-based, exclusive ends) is average-pooled
+from the feature map with :func:`torchvision.ops.roi_align`. A whole-image context vector is
+the region feature of the box ``(0, 0, W, H)``. The box's position and size relative to its
+image (:func:`grounding.boxes.box_geometry`) follow the pooled channels.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from itertools import islice
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image
+
+from grounding.boxes import BOX_COLUMNS, GEOMETRY_COLUMNS, box_geometry
+from grounding.errors import DataError
+from grounding.modeling.backbones import Backbone
+
+if TYPE_CHECKING:  # torch costs about 1.3 s to import: loaded by the functions that use it
+    import pandas as pd
+    import torch
+
+
+def region_dim(backbone: Backbone, *, context: bool) -> int:
+    """The width of a region's features: pooled channels (twice with ``context``), then the box
+    geometry."""
+    return (2 if context else 1) * backbone.channels + len(GEOMETRY_COLUMNS)
+
+
+def region_features(
+    backbone: Backbone, image: Image.Image, boxes: np.ndarray, *, image_size: int
+) -> np.ndarray:
+    """Features ``(N, channels)`` float32 of ``boxes (N, 4)`` on one image.
+
+    ``boxes`` are ``(x1, y1, x2, y2)`` in absolute pixels of ``image`` (0-based, exclusive
+    ends); ``image_size`` is the longer side, in pixels, of the image given to the trunk.
+    """
+    return next(extract_region_features(backbone, [(image, boxes)], image_size=image_size))
+
+
+def extract_region_features(
+    backbone: Backbone,
+    items: Iterable[tuple[Image.Image, np.ndarray]],
+    *,
+    image_size: int,
+    batch_size: int = 1,
+) -> Iterator[np.ndarray]:
+    """Yield, for each ``(image, boxes (N_i, 4))`` in order, its features ``(N_i, channels)``.
+
+    Up to ``batch_size`` images are read ahead; those whose resized shapes agree go through
+    the trunk together (the features do not depend on the batch, up to float rounding).
+    Memory is bounded by the batch. One image at a time is as fast as batches on 2 CPU
+    cores at ``image_size >= 448`` (see ``benchmarks/features.py``).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if image_size < backbone.stride:
+        raise ValueError(f"image_size must be >= the stride {backbone.stride}, got {image_size}")
+    iterator = iter(items)
+    while chunk := list(islice(iterator, batch_size)):
+        yield from _chunk_features(backbone, chunk, image_size)
+
+
+def _chunk_features(
+    backbone: Backbone, chunk: list[tuple[Image.Image, np.ndarray]], image_size: int
+) -> list[np.ndarray]:
+    import torch
+    from torchvision.ops import roi_align
+
+    inputs = [_image_tensor(backbone, image, image_size) for image, _ in chunk]
+    rois = [
+        _scaled_boxes(boxes, scale) for (_, boxes), (_, scale) in zip(chunk, inputs, strict=True)
+    ]
+    same_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for index, (tensor, _) in enumerate(inputs):
+        same_shape[tuple(tensor.shape)].append(index)
+    features: list[np.ndarray] = [np.empty(0)] * len(chunk)
+    with torch.inference_mode():
+        for indices in same_shape.values():
+            batch = torch.stack([inputs[i][0] for i in indices])
+            maps = backbone.trunk(batch.contiguous(memory_format=torch.channels_last))
+            pooled = roi_align(
+                maps,
+                [rois[i] for i in indices],
+                output_size=1,
+                spatial_scale=1 / backbone.stride,
+                # adaptive: about one sample per feature-map cell the box covers
+                sampling_ratio=0,
+                aligned=True,
+            ).flatten(1)
+            counts = [len(rois[i]) for i in indices]
+            for i, rows in zip(indices, pooled.split(counts), strict=True):
+                features[i] = rows.numpy().astype(np.float32, copy=True)
+    return features
+
+
+def _image_tensor(
+    backbone: Backbone, image: Image.Image, image_size: int
+) -> tuple[torch.Tensor, tuple[float, float]]:
+    """The normalised, resized, padded image ``(3, H', W')`` and the scale ``(sx, sy)`` from
+    original to resized pixels."""
+    import torch
+    from torch.nn import functional as F
+
+    width, height = image.size
+    factor = image_size / max(width, height)
+    new_width, new_height = max(1, round(width * factor)), max(1, round(height * factor))
+    resized = image.convert("RGB").resize((new_width, new_height), Image.Resampling.BILINEAR)
+    pixels = torch.from_numpy(np.array(resized, dtype=np.float32)).permute(2, 0, 1) / 255
+    mean = torch.tensor(backbone.mean).view(3, 1, 1)
+    std = torch.tensor(backbone.std).view(3, 1, 1)
+    normalised = (pixels - mean) / std
+    # Padding with 0 after normalising is padding with the mean colour.
+    pad_right = -new_width % backbone.stride
+    pad_bottom = -new_height % backbone.stride
+    padded = F.pad(normalised, (0, pad_right, 0, pad_bottom))
+    return padded, (new_width / width, new_height / height)
+
+
+def _scaled_boxes(boxes: np.ndarray, scale: tuple[float, float]) -> torch.Tensor:
+    """``boxes (N, 4)`` of the original image in pixels of the resized one: ``(N, 4)``."""
+    import torch
+
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    if not np.isfinite(boxes).all():
+        raise ValueError("boxes must be finite")
+    sx, sy = scale
+    return torch.from_numpy(boxes * np.array([sx, sy, sx, sy], dtype=np.float32))
+
+
+def candidate_features(
+    backbone: Backbone,
+    candidates: pd.DataFrame,
+    images: pd.DataFrame,
+    load_image: Callable[[str], Image.Image],
+    *,
+    image_size: int,
+    batch_size: int,
+    context: bool = False,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The features of every candidate region, one image at a time.
+
+    ``candidates`` has ``region_id, image_id, x1, y1, x2, y2``; ``images`` has ``image_id,
+    width, height`` (the annotated size, which the loaded image must have). Yields, per image,
+    ``region_ids (N_i,)`` and ``features (N_i, backbone.channels + len(GEOMETRY_COLUMNS))``:
+    the pooled visual features, then the box geometry relative to the image. With
+    ``context``, the features of the whole image (the same for every region of an image)
+    come between the two: ``(N_i, 2 * backbone.channels + len(GEOMETRY_COLUMNS))``.
+    """
+    sizes = images.set_index("image_id")[["width", "height"]]
+    groups = [
+        (image_id, group["region_id"].to_numpy(), group[BOX_COLUMNS].to_numpy(np.float32))
+        for image_id, group in candidates.sort_values(["image_id", "region_id"]).groupby(
+            "image_id", sort=True
+        )
+    ]
+
+    def load(image_id: str) -> Image.Image:
+        image = load_image(image_id)
+        expected = tuple(int(v) for v in sizes.loc[image_id])
+        if image.size != expected:
+            raise DataError(
+                f"image {image_id}: the file is {image.size[0]}x{image.size[1]} pixels but its "
+                f"annotation says {expected[0]}x{expected[1]}"
+            )
+        return image
+
+    items = (
+        (load(image_id), _with_whole_image(boxes, tuple(sizes.loc[image_id])) if context else boxes)
+        for image_id, _, boxes in groups
+    )
+    visual = extract_region_features(backbone, items, image_size=image_size, batch_size=batch_size)
+    for (image_id, region_ids, boxes), vectors in zip(groups, visual, strict=True):
+        yield region_ids, _assemble(vectors, boxes, tuple(sizes.loc[image_id]), context)
+
+
+def image_features(
+    backbone: Backbone, image: Image.Image, boxes: np.ndarray, *, image_size: int, context: bool
+) -> np.ndarray:
+    """The features of ``boxes (N, 4)`` on one image, made as :func:`candidate_features` makes
+    them (for an image outside any table: grounding phrases in a new image)."""
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    query = _with_whole_image(boxes, image.size) if context else boxes
+    visual = region_features(backbone, image, query, image_size=image_size)
+    return _assemble(visual, boxes, image.size, context)
+
+
+def _with_whole_image(boxes: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    return np.concatenate([boxes, np.array([[0, 0, *size]], dtype=np.float32)])
+
+
+def _assemble(
+    visual: np.ndarray, boxes: np.ndarray, size: tuple[int, int], context: bool
+) -> np.ndarray:
+    """Pooled features (with the whole image's as the last row when ``context``) and box
+    geometry -> the rows of the features stage."""
+    width, height = size
+    geometry = box_geometry(boxes, np.full(len(boxes), width), np.full(len(boxes), height))
+    if context:
+        visual = np.concatenate([visual[:-1], np.repeat(visual[-1:], len(boxes), 0)], 1)
+    return np.concatenate([visual, geometry], axis=1)

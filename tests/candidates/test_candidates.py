@@ -1,0 +1,192 @@
+"""The registry of candidate generators, the proposer it builds, and the candidates table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from stand_ins import SETTINGS, TWO_SHAPES, two_shapes
+
+from grounding import candidates
+from grounding.boxes import box_iou
+from grounding.candidates import (
+    GENERATORS,
+    candidate_regions,
+    candidates_table,
+    generator,
+    proposer,
+    proposer_for_new_images,
+)
+from grounding.candidates.selective_search import propose
+from grounding.errors import ConfigError
+from grounding.io import ProposalCache
+from grounding.schemas import CANDIDATES
+
+BOXES = pd.DataFrame(
+    [
+        ("1", 0, 0.0, 0.0, 10.0, 10.0),
+        ("1", 1, 0.0, 0.0, 10.0, 10.0),  # two chains' box with the same coordinates
+        ("1", 2, 5.0, 5.0, 20.0, 20.0),
+        ("2", 0, 1.0, 1.0, 2.0, 2.0),
+        ("3", 0, 3.0, 3.0, 4.0, 4.0),  # image 3 is not asked for
+    ],
+    columns=["image_id", "box_id", "x1", "y1", "x2", "y2"],
+)
+IMAGES = pd.DataFrame({"image_id": ["1", "2"]})
+
+
+# --- the registry ----------------------------------------------------------------------------
+
+
+def test_generators_are_registered_by_name() -> None:
+    assert set(GENERATORS) == {"annotated", "selective_search"}
+    assert all(name == entry.name for name, entry in GENERATORS.items())
+    assert generator("annotated").propose is None  # from the annotations, not from pixels
+    assert generator("selective_search").propose is propose
+
+
+def test_an_unknown_generator_is_a_config_error_listing_the_known_ones() -> None:
+    with pytest.raises(ConfigError, match=r"unknown candidate generator 'proposals'.*annotated"):
+        generator("proposals")
+
+
+def test_new_images_get_a_generator_that_works_from_pixels() -> None:
+    assert proposer_for_new_images("selective_search") == "selective_search"
+    assert proposer_for_new_images("annotated") == candidates.DEFAULT_PROPOSER == "selective_search"
+    with pytest.raises(ConfigError):
+        proposer_for_new_images("nope")
+
+
+# --- proposer --------------------------------------------------------------------------------
+
+
+def test_proposer_proposes_with_its_settings() -> None:
+    boxes = proposer("selective_search", SETTINGS)(two_shapes())
+    np.testing.assert_array_equal(boxes, propose(two_shapes(), **SETTINGS))
+    fewer = proposer("selective_search", {**SETTINGS, "max_proposals": 2})(two_shapes())
+    assert len(fewer) == 2
+
+
+def test_proposer_refuses_the_annotated_generator() -> None:
+    with pytest.raises(ConfigError, match="'annotated' needs annotations; it cannot propose"):
+        proposer("annotated", {})
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({**SETTINGS, "max_side": 8}, "max_side >= 16"),
+        ({**SETTINGS, "mode": "slow"}, "mode must be"),
+        ({k: v for k, v in SETTINGS.items() if k != "min_size"}, "min_size"),
+        ({**SETTINGS, "colour": True}, "colour"),
+    ],
+    ids=["out of range", "unknown mode", "missing", "unknown"],
+)
+def test_proposer_refuses_bad_settings_naming_the_section(settings: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=rf"candidates\.selective_search: .*{message}"):
+        proposer("selective_search", settings)
+
+
+def test_proposer_with_a_cache_computes_each_image_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[int, int]] = []
+
+    def counting(image: Image.Image, **settings: object) -> np.ndarray:
+        calls.append(image.size)
+        return np.array([[0, 0, 5, 5]], dtype=np.float32) * len(calls)
+
+    entry = candidates.Generator("selective_search", counting, GENERATORS["selective_search"].check)
+    monkeypatch.setitem(GENERATORS, "selective_search", entry)
+    cache = ProposalCache(tmp_path)
+    cached = proposer("selective_search", SETTINGS, cache)
+    first = cached(two_shapes())
+    np.testing.assert_array_equal(cached(two_shapes()), first)
+    np.testing.assert_array_equal(
+        proposer("selective_search", SETTINGS, cache)(two_shapes()), first
+    )
+    assert len(calls) == 1
+    # other settings are another entry
+    proposer("selective_search", {**SETTINGS, "max_proposals": 5}, cache)(two_shapes())
+    assert len(calls) == 2 and len(list(tmp_path.glob("*.npy"))) == 2
+
+
+# --- candidate_regions -----------------------------------------------------------------------
+
+
+def test_annotated_candidates_are_the_distinct_boxes_of_the_images_asked_for() -> None:
+    def no_pixels(image_id: str) -> Image.Image:
+        raise AssertionError("annotated candidates need no image")
+
+    regions = candidate_regions("annotated", {}, IMAGES, BOXES, no_pixels)
+    assert list(regions) == ["1", "2"]
+    np.testing.assert_array_equal(regions["1"], [[0, 0, 10, 10], [5, 5, 20, 20]])
+    np.testing.assert_array_equal(regions["2"], [[1, 1, 2, 2]])
+
+
+def test_selective_search_candidates_come_from_each_image(tmp_path: Path) -> None:
+    loaded: list[str] = []
+    shown: list[list[str]] = []
+
+    def load(image_id: str) -> Image.Image:
+        loaded.append(image_id)
+        return two_shapes()
+
+    def progress(ids):
+        shown.append(list(ids))
+        return iter(shown[-1])
+
+    regions = candidate_regions(
+        "selective_search",
+        SETTINGS,
+        IMAGES,
+        BOXES,
+        load,
+        cache=ProposalCache(tmp_path),
+        progress=progress,
+    )
+    assert loaded == ["1", "2"] and shown == [["1", "2"]]
+    assert list(regions) == ["1", "2"]
+    for boxes in regions.values():
+        assert (box_iou(boxes, TWO_SHAPES).max(axis=0) >= 0.7).all()
+    assert len(list(tmp_path.glob("*.npy"))) == 1  # both images have the same pixels
+
+
+def test_unknown_generator_or_settings_are_refused_before_any_image_is_read() -> None:
+    def load(image_id: str) -> Image.Image:
+        raise AssertionError("read an image")
+
+    with pytest.raises(ConfigError, match="unknown candidate generator"):
+        candidate_regions("proposals", {}, IMAGES, BOXES, load)
+    with pytest.raises(ConfigError, match="max_side"):
+        candidate_regions("selective_search", {**SETTINGS, "max_side": 1}, IMAGES, BOXES, load)
+
+
+# --- the candidates table --------------------------------------------------------------------
+
+
+def test_candidates_table_numbers_the_regions_of_the_sorted_images() -> None:
+    regions = {
+        "b": np.array([[0, 0, 4, 4]]),
+        "a": np.array([[1, 2, 3, 4], [5, 6, 7, 8]]),
+        "c": np.zeros((0, 4)),
+    }
+    table = candidates_table(regions, "selective_search")
+    assert list(table.columns) == list(CANDIDATES.columns)
+    assert table["region_id"].tolist() == [0, 1, 2]
+    assert table["image_id"].tolist() == ["a", "a", "b"]
+    assert table[["x1", "y1", "x2", "y2"]].to_numpy().tolist() == [
+        [1, 2, 3, 4],
+        [5, 6, 7, 8],
+        [0, 0, 4, 4],
+    ]
+    assert (table["source"] == "selective_search").all()
+    assert table["x1"].dtype == np.float32 and table["region_id"].dtype == np.int64
+
+
+def test_candidates_table_of_no_regions_has_the_columns() -> None:
+    table = candidates_table({}, "annotated")
+    assert list(table.columns) == list(CANDIDATES.columns) and table.empty

@@ -1,0 +1,54 @@
+"""Walking the package's imports with ``ast`` (for the tests of dvc.yaml's deps and of the
+package's layers)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from benchmarks import REPO
+
+SOURCE = REPO / "src"
+PACKAGE = "grounding"
+
+
+def module_file(name: str) -> Path | None:
+    """The file of module ``grounding.x.y`` (a package's ``__init__.py``), None outside."""
+    if name != PACKAGE and not name.startswith(f"{PACKAGE}."):
+        return None
+    path = SOURCE.joinpath(*name.split("."))
+    if path.is_dir():
+        return path / "__init__.py"
+    if path.with_suffix(".py").is_file():
+        return path.with_suffix(".py")
+    return None
+
+
+def imported_modules(path: Path) -> set[str]:
+    """The modules a file imports (``from a.b import c`` gives ``a.b`` and ``a.b.c``, since
+    ``c`` may be a submodule), with every parent package of each (importing runs them)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    with_parents = set()
+    for name in names:
+        parts = name.split(".")
+        with_parents.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return with_parents
+
+
+def reached_files(script: Path) -> set[Path]:
+    """Every file of the package that running ``script`` can import."""
+    seen: set[Path] = set()
+    todo = [script]
+    while todo:
+        for name in imported_modules(todo.pop()):
+            file = module_file(name)
+            if file is not None and file not in seen:
+                seen.add(file)
+                todo.append(file)
+    return seen

@@ -1,0 +1,169 @@
+"""Files: atomic writes of tables, arrays, JSON and figures; the features folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from grounding import io
+from grounding.errors import DataError
+from grounding.schemas import FeaturesMeta
+
+# --- atomic writes --------------------------------------------------------------------------
+
+
+def test_writes_round_trip_and_leave_no_temp_file(tmp_path: Path) -> None:
+    table = pd.DataFrame({"image_id": ["a", "b"], "x1": np.array([0.5, 1.0], np.float32)})
+    io.write_tables({"boxes": table}, tmp_path / "tables")
+    pd.testing.assert_frame_equal(io.read_tables(tmp_path / "tables", ("boxes",))["boxes"], table)
+    io.write_json({"café": 1, "n": [1, 2]}, tmp_path / "deep" / "summary.json")
+    assert io.read_json(tmp_path / "deep" / "summary.json") == {"café": 1, "n": [1, 2]}
+    array = np.arange(12, dtype=np.float32).reshape(3, 4)
+    io.write_array(array, tmp_path / "a.npy")
+    np.testing.assert_array_equal(io.read_array(tmp_path / "a.npy"), array)
+    names = sorted(p.name for p in tmp_path.rglob("*"))
+    assert names == ["a.npy", "boxes.parquet", "deep", "summary.json", "tables"]
+
+
+class FailingFigure:
+    """A figure whose ``savefig`` dies half-way through writing."""
+
+    def savefig(self, path: Path, **kwargs: object) -> None:
+        Path(path).write_bytes(b"half a fig")
+        raise RuntimeError("disk full")
+
+
+def test_failed_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_path: Path) -> None:
+    target = tmp_path / "figure.png"
+    target.write_bytes(b"old figure")
+    with pytest.raises(RuntimeError, match="disk full"):
+        io.write_png(FailingFigure(), target)
+    assert target.read_bytes() == b"old figure"
+    assert [p.name for p in tmp_path.iterdir()] == ["figure.png"]
+
+
+def test_failed_table_write_keeps_the_old_table(tmp_path: Path) -> None:
+    target = tmp_path / "t.parquet"
+    old = pd.DataFrame({"a": [1, 2]})
+    io.write_table(old, target)
+    unwritable = pd.DataFrame({"mixed": [1, "x", 2.5]})  # pyarrow refuses mixed types
+    with pytest.raises(ValueError, match=r"Conversion failed|convert"):  # pyarrow.ArrowInvalid
+        io.write_table(unwritable, target)
+    pd.testing.assert_frame_equal(io.read_table(target), old)
+    assert [p.name for p in tmp_path.iterdir()] == ["t.parquet"]
+
+
+def test_failed_write_of_a_new_file_creates_nothing(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError):
+        io.write_png(FailingFigure(), tmp_path / "new.png")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_reading_a_missing_artifact_names_it(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=rf"^{tmp_path}/pairs\.parquet: missing; .*dvc repro"):
+        io.read_table(tmp_path / "pairs.parquet")
+
+
+def test_write_tables_is_all_or_nothing(tmp_path: Path) -> None:
+    folder = tmp_path / "parsed"
+    old = {"images": pd.DataFrame({"image_id": ["1"]}), "boxes": pd.DataFrame({"x1": [0.0]})}
+    io.write_tables(old, folder)
+    new = {
+        "images": pd.DataFrame({"image_id": ["1", "2"]}),
+        "boxes": pd.DataFrame({"mixed": [1, "x"]}),  # pyarrow refuses mixed types
+    }
+    with pytest.raises(ValueError, match=r"Conversion failed|convert"):
+        io.write_tables(new, folder)
+    # the images table, written before boxes failed, was not renamed into place either
+    kept = io.read_tables(folder, ("images", "boxes"))
+    for name, table in old.items():
+        pd.testing.assert_frame_equal(kept[name], table)
+    assert sorted(p.name for p in folder.iterdir()) == ["boxes.parquet", "images.parquet"]
+
+
+def test_csv_and_text_round_trip(tmp_path: Path) -> None:
+    table = pd.DataFrame({"threshold": [0.25, 0.5], "recall": [0.9, 0.7]})
+    io.write_csv(table, tmp_path / "plots" / "pr.csv")
+    assert (tmp_path / "plots" / "pr.csv").read_text() == "threshold,recall\n0.25,0.9\n0.5,0.7\n"
+    pd.testing.assert_frame_equal(io.read_csv(tmp_path / "plots" / "pr.csv"), table)
+    io.write_files({"a/b.txt": "café".encode(), "c.bin": b"\0\1"}, tmp_path / "files")
+    assert (tmp_path / "files" / "a" / "b.txt").read_text(encoding="utf-8") == "café"
+    assert (tmp_path / "files" / "c.bin").read_bytes() == b"\0\1"
+
+
+class RecordingFigure:
+    """A figure that writes the format it was asked for."""
+
+    def savefig(self, path: Path, *, format: str, dpi: int) -> None:
+        Path(path).write_text(f"{format} at {dpi} dpi")
+
+
+@pytest.mark.parametrize(("name", "written"), [("f.svg", "svg"), ("f.JPG", "jpg")])
+def test_write_figure_takes_the_format_from_the_suffix(
+    tmp_path: Path, name: str, written: str
+) -> None:
+    io.write_figure(RecordingFigure(), tmp_path / name)
+    assert (tmp_path / name).read_text() == f"{written} at 100 dpi"
+
+
+def test_write_figure_refuses_a_format_it_cannot_write(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"f\.gif: cannot write a picture as 'gif'"):
+        io.write_figure(RecordingFigure(), tmp_path / "f.gif")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_reading_missing_json_or_array_names_it(tmp_path: Path) -> None:
+    for read, name in [(io.read_json, "summary.json"), (io.read_array, "a.npy")]:
+        with pytest.raises(DataError, match=rf"^{tmp_path}/{name}: missing"):
+            read(tmp_path / name)
+
+
+# --- the features folder ----------------------------------------------------------------------
+
+META = FeaturesMeta(
+    backbone="efficientnet-lite0",
+    backbone_weights=None,
+    text_encoder="all-minilm-l6-v2",
+    image_size=448,
+    context=False,
+    region_dim=3,
+    phrase_dim=2,
+    regions=4,
+    phrases=2,
+)
+
+
+def test_features_round_trip_with_their_metadata(tmp_path: Path) -> None:
+    regions = np.arange(12, dtype=np.float32).reshape(4, 3)
+    with io.region_features_writer(tmp_path, (4, 3)) as array:
+        assert array.shape == (4, 3) and array.dtype == np.float32
+        array[:] = regions
+    phrases = np.array([[0.6, 0.8], [1.0, 0.0]], dtype=np.float32)
+    phrase_rows = pd.DataFrame({"phrase_id": [5, 7, 9], "row": [0, 1, 0]})
+    io.write_features(tmp_path, phrases, phrase_rows, META)
+    read_regions, read_phrases, read_rows, meta = io.read_features(tmp_path)
+    np.testing.assert_array_equal(read_regions, regions)
+    np.testing.assert_array_equal(read_phrases, phrases)
+    pd.testing.assert_frame_equal(read_rows, phrase_rows)
+    assert meta == META
+    assert isinstance(read_regions, np.memmap)  # a large dataset's features are not loaded
+
+
+def test_failed_region_features_leave_no_file(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError), io.region_features_writer(tmp_path, (4, 3)) as array:
+        array[0] = 1.0
+        raise RuntimeError("backbone died")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_features_written_without_metadata_keys_are_named(tmp_path: Path) -> None:
+    with io.region_features_writer(tmp_path, (1, 3)):
+        pass
+    io.write_features(tmp_path, np.ones((1, 2), np.float32), pd.DataFrame(), META)
+    stale = {k: v for k, v in META.to_dict().items() if k != "region_dim"}
+    io.write_json(stale, tmp_path / "features.json")
+    with pytest.raises(DataError, match=r"lacks \['region_dim'\]"):
+        io.read_features(tmp_path)

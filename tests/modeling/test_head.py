@@ -1,0 +1,127 @@
+"""Heads: the registry, the matching head's interface, and rebuilding a head from its config
+and weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from stand_ins import random_head
+
+from grounding.errors import ConfigError, DataError
+from grounding.modeling.head import (
+    HEADS,
+    HeadConfig,
+    MatchingHead,
+    build_head,
+    head_config,
+    head_from_weights,
+    head_name,
+)
+
+CONFIG = HeadConfig(region_dim=5, phrase_dim=3, hidden=8, dropout=0.0)
+
+
+def inputs(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(7, 5, generator=generator), torch.randn(4, 3, generator=generator)
+
+
+def scores(head: MatchingHead, regions: torch.Tensor, phrases: torch.Tensor) -> torch.Tensor:
+    """The logits of every phrase with every region ``(P * N,)``, phrase-major."""
+    with torch.inference_mode():
+        n, p = len(regions), len(phrases)
+        return head.score(
+            head.embed_regions(regions).repeat(p, 1),
+            head.embed_phrases(phrases).repeat_interleave(n, 0),
+        )
+
+
+# --- the registry ----------------------------------------------------------------------------
+
+
+def test_the_matching_head_is_registered() -> None:
+    assert set(HEADS) == {"matching"} and HEADS["matching"] is MatchingHead
+    head = build_head("matching", CONFIG)
+    assert isinstance(head, MatchingHead) and head.config == CONFIG
+    assert head_name(head) == "matching"
+
+
+def test_an_unknown_head_is_a_config_error_listing_the_known_ones() -> None:
+    with pytest.raises(ConfigError, match=r"train.head: unknown head 'transformer'.*matching"):
+        build_head("transformer", CONFIG)
+
+
+def test_a_registered_head_can_be_built_and_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    class OtherHead(MatchingHead):
+        pass
+
+    monkeypatch.setitem(HEADS, "other", OtherHead)
+    head = build_head("other", CONFIG)
+    assert type(head) is OtherHead
+    assert head_name(head) == "other"
+    assert head_config(head)["name"] == "other"
+
+
+# --- the matching head -----------------------------------------------------------------------
+
+
+def test_matching_head_embeds_both_sides_in_one_space_and_scores_aligned_pairs() -> None:
+    head = build_head("matching", CONFIG).eval()
+    regions, phrases = inputs()
+    embedded_regions, embedded_phrases = head.embed_regions(regions), head.embed_phrases(phrases)
+    assert embedded_regions.shape == (7, 8) and embedded_phrases.shape == (4, 8)
+    logits = head.score(embedded_regions[:4], embedded_phrases)
+    assert logits.shape == (4,)
+    # each pair is scored on its own: the second pair's logit does not depend on the others
+    alone = head.score(embedded_regions[1:2], embedded_phrases[1:2])
+    torch.testing.assert_close(alone, logits[1:2])
+
+
+def test_matching_head_scores_the_product_beside_the_projections() -> None:
+    head = build_head("matching", CONFIG).eval()
+    regions, phrases = torch.randn(3, 8), torch.randn(3, 8)
+    expected = head.scorer(torch.cat([regions * phrases, regions, phrases], dim=1)).squeeze(1)
+    torch.testing.assert_close(head.score(regions, phrases), expected)
+
+
+# --- config and weights ----------------------------------------------------------------------
+
+
+def test_head_config_names_the_head_and_its_shape() -> None:
+    assert head_config(random_head(5, 3, hidden=8)) == {
+        "name": "matching",
+        "config": {"region_dim": 5, "phrase_dim": 3, "hidden": 8, "dropout": 0.0},
+    }
+
+
+def test_head_from_weights_gives_the_same_scores() -> None:
+    head = random_head(5, 3, hidden=8, seed=1)
+    again = head_from_weights(head_config(head), head.state_dict())
+    assert type(again) is MatchingHead and not again.training
+    regions, phrases = inputs()
+    torch.testing.assert_close(scores(again, regions, phrases), scores(head, regions, phrases))
+    # a head of another seed scores differently: the weights, not the shape, were restored
+    other = random_head(5, 3, hidden=8, seed=2)
+    assert not torch.allclose(scores(other, regions, phrases), scores(head, regions, phrases))
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda config, tensors: ({**config, "name": "transformer"}, tensors),
+        lambda config, tensors: ({"config": config["config"]}, tensors),
+        lambda config, tensors: ({**config, "config": {**config["config"], "hidden": 16}}, tensors),
+        lambda config, tensors: (
+            {**config, "config": {**config["config"], "depth": 2}},
+            tensors,
+        ),
+        lambda config, tensors: (config, {k: v for k, v in tensors.items() if "scorer" not in k}),
+        lambda config, tensors: (config, {**tensors, "extra.weight": torch.zeros(1)}),
+    ],
+    ids=["unknown name", "no name", "other shape", "unknown key", "missing tensors", "extra"],
+)
+def test_weights_that_do_not_describe_a_head_are_a_data_error(change) -> None:
+    head = random_head(5, 3, hidden=8)
+    config, tensors = change(head_config(head), head.state_dict())
+    with pytest.raises(DataError, match="not a head of this project"):
+        head_from_weights(config, tensors)
