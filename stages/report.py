@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> None:
     pairs = io.read_table(args.split / "test.parquet")
     tables = io.read_tables(args.pairs, ("candidates", "phrases", "ground_truth"))
     images = io.read_table(args.parsed / "images.parquet")
-    threshold = io.read_json(args.sweep)["threshold"]
+    sweep = io.read_json(args.sweep)
+    threshold = sweep["threshold"]
 
     scores = trained.score(io.read_features(args.features), pairs)
     predictions = report.predictions_table(pairs, scores, threshold)
@@ -88,26 +89,21 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_mlflow:
         root = repo_root()
         uri = tracking.tracking_uri(root)
-        name = f"{params.data.format}:{params.data.root.name}"
         run_id, version, champion = tracking.log_pipeline_run(
             uri=uri,
             artifacts_at=tracking.artifact_location(root),
             params=flatten(asdict(params)),
             history=io.read_csv(args.history),
             metrics=metrics,
-            validation_f1=io.read_json(args.sweep)["val_f1"],
+            validation_f1=sweep["val_f1"],
             head=args.model,
             grounder=args.grounder,
             artifacts=[args.report, args.metrics, args.details, *figures],
-            datasets=[
-                tracking.DatasetInput(
-                    name,
-                    str(params.data.root.resolve()),
-                    tracking.file_digest(args.split / f"{split}.parquet"),
-                    split,
-                )
-                for split in SPLITS
-            ],
+            datasets=tracking.split_inputs(
+                f"{params.data.format}:{params.data.root.name}",
+                params.data.root.resolve(),
+                {split: args.split / f"{split}.parquet" for split in SPLITS},
+            ),
             tags=tracking.run_tags(root),
             started_at=tracking.pipeline_started_at(),
         )

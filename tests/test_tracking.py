@@ -23,6 +23,7 @@ from grounding.tracking import (
     numeric_metrics,
     pipeline_started_at,
     run_tags,
+    split_inputs,
     tracking_uri,
 )
 
@@ -185,3 +186,15 @@ def test_file_digest_changes_with_the_bytes(tmp_path: Path) -> None:
     first = file_digest(path)
     path.write_bytes(b"two")
     assert file_digest(path) != first and len(first) == 16
+
+
+def test_split_inputs_give_one_input_per_split_with_its_pairs_digest(tmp_path: Path) -> None:
+    files = {}
+    for split, content in (("train", b"a"), ("val", b"b"), ("test", b"a")):
+        files[split] = tmp_path / f"{split}.parquet"
+        files[split].write_bytes(content)
+    inputs = split_inputs("flickr30k:sample", tmp_path, files)
+    assert [(i.split, i.name, i.source) for i in inputs] == [
+        (split, "flickr30k:sample", str(tmp_path)) for split in ("train", "val", "test")
+    ]
+    assert inputs[0].digest == inputs[2].digest != inputs[1].digest  # same bytes, same digest

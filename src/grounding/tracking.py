@@ -120,6 +120,15 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def split_inputs(name: str, source: Path, split_files: Mapping[str, Path]) -> list[DatasetInput]:
+    """The dataset inputs of a run: ``name`` at ``source``, one per split, each with the digest
+    of that split's pairs file."""
+    return [
+        DatasetInput(name, str(source), file_digest(path), split)
+        for split, path in split_files.items()
+    ]
+
+
 def run_name(tags: Mapping[str, str]) -> str | None:
     """The DVC experiment's name, else the short commit (None outside git)."""
     if os.environ.get("DVC_EXP_NAME"):

@@ -114,7 +114,7 @@ def predict_table(grounder: Grounder, table: pd.DataFrame, *, top_k: int) -> pd.
 
 
 class GrounderModel(mlflow.pyfunc.PythonModel):
-    """The pyfunc wrapper; its one artifact ``grounder`` is the bundle file."""
+    """The pyfunc wrapper; its one artifact ``grounder`` is the grounder's weights file."""
 
     grounder: Grounder
 
