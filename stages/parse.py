@@ -35,12 +35,18 @@ def main(argv: list[str] | None = None) -> None:
         skip_bad_files=params.parse.skip_bad_files,
     )
     records = tqdm(reader, desc="parse", unit="image", mininterval=2)
-    parsed = build_tables(records, io.present_files(data.images_dir), reader.skipped)
+    parsed = build_tables(
+        records, io.present_files(data.images_dir), reader.skipped, reader.duplicate_split_ids
+    )
     tables = parsed.tables()
     checks = validation.check_parsed(tables, types=fmt.types)
     io.write_tables(tables, args.out)
     io.write_json(
-        {**parsed.counts(), "skipped": [vars(skipped) for skipped in parsed.skipped]},
+        {
+            **parsed.counts(),
+            "skipped": [vars(skipped) for skipped in parsed.skipped],
+            "examples": parsed.examples(),
+        },
         args.summary,
     )
     io.write_json(validation.report(checks), args.validation)

@@ -241,6 +241,8 @@ TINY_COUNTS: dict[str, int] = {
     "chains": 6 + 3 + 2 + 1 + 2,
     "images_with_file": 4,
     "skipped_files": 0,
+    "duplicate_split_ids": 0,
+    "phrases_with_unknown_chain": 0,
     "images_train": 2,
     "images_val": 1,
     "images_test": 1,
@@ -282,7 +284,7 @@ def parse_dataset(
 ) -> ParsedDataset:
     """What the parse stage does with a Flickr30k Entities dataset, on files in memory."""
     reader = Flickr30kReader(list(annotation_files), split_lists, skip_bad_files=skip_bad_files)
-    return build_tables(reader, image_files, reader.skipped)
+    return build_tables(reader, image_files, reader.skipped, reader.duplicate_split_ids)
 
 
 def write_dataset(

@@ -17,6 +17,9 @@ from grounding.errors import DataError
 #: The splits a dataset may assign an image to, and the mark of an image in none.
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 NO_SPLIT = "none"
+#: The largest value of the tables' integer columns (int64): a reader refuses a larger id or
+#: size where it reads it, naming the file and line, rather than fail when the table is written.
+INT64_MAX = 2**63 - 1
 
 
 @dataclass(frozen=True)

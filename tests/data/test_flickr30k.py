@@ -151,8 +151,26 @@ def test_missing_coordinate_is_an_error() -> None:
 
 
 def test_non_integer_chain_id_is_an_error() -> None:
-    with pytest.raises(FormatError, match=rf"^{SOURCE}:8: chain id is not an integer"):
+    # line 9: the <name> itself, not its <object>
+    with pytest.raises(FormatError, match=rf"^{SOURCE}:9: chain id is not an integer"):
         parse_annotation(one_object(object_xml(["x"], (1, 1, 5, 5))), SOURCE)
+
+
+@pytest.mark.parametrize("chain", ["12345678901234567890123", str(2**63), "-1"])
+def test_chain_id_outside_int64_names_file_and_line(chain: str) -> None:
+    xml = one_object(object_xml([1, 2], (1, 1, 5, 5))).replace(b">2<", f">{chain}<".encode())
+    with pytest.raises(
+        FormatError, match=rf"^{SOURCE}:10: chain id {chain} is not in 0\.\.2\^63-1"
+    ):
+        parse_annotation(xml, SOURCE)
+    largest = xml.replace(chain.encode(), str(2**63 - 1).encode())
+    assert parse_annotation(largest, SOURCE).objects[0].chain_ids == (1, 2**63 - 1)
+
+
+def test_size_too_large_for_the_tables_is_an_error() -> None:
+    xml = one_object(object_xml([1], (1, 1, 5, 5))).replace(b">100<", b">1e30<")
+    with pytest.raises(FormatError, match=rf"^{SOURCE}:4: <width> is too large: '1e30'"):
+        parse_annotation(xml, SOURCE)
 
 
 def test_object_without_name_is_an_error() -> None:
@@ -315,6 +333,34 @@ def test_non_utf8_bytes_name_the_line() -> None:
 def test_crlf_line_ends_are_accepted() -> None:
     captions = parse_sentences(b"[/EN#1/people A man] runs .\r\nA dog .\r\n", "s.txt")
     assert [c.text for c in captions] == ["A man runs .", "A dog ."]
+
+
+@pytest.mark.parametrize("end", [b"\n", b"\r\n", b"\r"], ids=["LF", "CRLF", "CR"])
+def test_every_line_end_gives_five_captions(end: bytes) -> None:
+    lines = [f"[/EN#{i}/people A man] number {i} runs ." for i in range(1, 6)]
+    captions = parse_sentences(end.join(line.encode() for line in lines) + end, "s.txt")
+    assert [c.mentions[0].chain_id for c in captions] == [1, 2, 3, 4, 5]
+    assert captions[4].text == "A man number 5 runs ."
+
+
+def test_cr_line_ends_count_lines_in_errors() -> None:
+    text = b"[/EN#1/people A man] runs .\r\r[/EN#2/dogs A dog] sits .\r"
+    with pytest.raises(FormatError, match=r"^Sentences/9\.txt:3: unknown entity type"):
+        parse_sentences(text, "Sentences/9.txt")
+    with pytest.raises(FormatError, match=r"^Sentences/9\.txt:3: not UTF-8 text \(.* at byte 34\)"):
+        parse_sentences(b"[/EN#1/people A man] runs .\r\rA caf\xe9 .\r", "Sentences/9.txt")
+
+
+def test_byte_order_mark_is_not_part_of_the_first_caption() -> None:
+    captions = parse_sentences(b"\xef\xbb\xbf[/EN#1/people A man] runs .\n", "s.txt")
+    assert captions[0].text == "A man runs ."
+    assert captions[0].mentions[0].first_word == 0
+
+
+def test_chain_id_outside_int64_in_a_caption_names_the_line() -> None:
+    text = b"A dog .\n[/EN#12345678901234567890123/people A man] runs .\n"
+    with pytest.raises(FormatError, match=r"^s\.txt:2: chain id 12345678901234567890123 is not in"):
+        parse_sentences(text, "s.txt")
 
 
 def test_unicode_line_separator_inside_a_caption_does_not_split_it() -> None:
@@ -513,6 +559,37 @@ def test_read_split_list_strips_blank_lines() -> None:
     assert split_list == SplitList("val", "val.txt", ["100", "200", "300"])
 
 
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"1\n2\n3\n",
+        b"1\r\n2\r\n3\r\n",
+        b"1\r2\r3\r",
+        b"\xef\xbb\xbf1\n2\n3",
+        b"\xef\xbb\xbf1\r2\r3\r",
+    ],
+    ids=["LF", "CRLF", "CR", "BOM", "BOM+CR"],
+)
+def test_read_split_lists_takes_any_line_end_and_a_byte_order_mark(
+    tmp_path: Path, content: bytes
+) -> None:
+    (tmp_path / "train.txt").write_bytes(content)
+    assert read_split_lists(tmp_path) == [
+        SplitList("train", str(tmp_path / "train.txt"), ["1", "2", "3"])
+    ]
+
+
+def test_non_utf8_split_list_names_file_line_and_byte(tmp_path: Path) -> None:
+    (tmp_path / "val.txt").write_bytes(b"100\r\n4\xe900\r\n")  # Latin-1
+    with pytest.raises(FormatError) as caught:
+        read_split_lists(tmp_path)
+    assert str(caught.value).startswith(f"{tmp_path / 'val.txt'}:2: not UTF-8 text (")
+    assert str(caught.value).endswith(" at byte 6)")
+    (tmp_path / "val.txt").write_bytes(b"\xef\xbb\xbf100\n4\xe900\n")  # the mark is counted
+    with pytest.raises(FormatError, match=r":2: not UTF-8 text \(.* at byte 8\)$"):
+        read_split_lists(tmp_path)
+
+
 # --- the reader -----------------------------------------------------------------------------
 
 
@@ -592,10 +669,14 @@ def test_id_in_two_split_lists_is_an_error_even_when_skipping() -> None:
             Flickr30kReader(tiny_annotation_files(), lists, skip_bad_files=skip)
 
 
-def test_an_id_listed_twice_in_one_split_list_is_accepted() -> None:
-    lists = [SplitList("train", "train.txt", ["100", "100"])]
+def test_an_id_listed_twice_in_one_split_list_is_accepted_once_and_listed() -> None:
+    lists = [SplitList("train", "train.txt", ["100", "400", "100"])]
     reader = Flickr30kReader(tiny_annotation_files(), lists)
-    assert [r.split for r in reader] == ["train", None, None, None, None]
+    assert [r.split for r in reader] == ["train", None, None, "train", None]
+    assert reader.duplicate_split_ids == [
+        Skipped("train.txt", "image id 100 is listed again (first on line 1)", 3)
+    ]
+    assert reader.skipped == []
 
 
 def test_unknown_split_name_is_refused() -> None:

@@ -19,7 +19,7 @@ from conftest import (
     tiny_split_lists,
 )
 
-from grounding.data.formats.flickr30k import AnnotationFiles, Flickr30kReader
+from grounding.data.formats.flickr30k import AnnotationFiles, Flickr30kReader, SplitList
 from grounding.data.records import Box, Caption, Entity, ImageRecord, Phrase, Skipped
 from grounding.data.tables import ParsedDataset, build_tables
 from grounding.schemas import PARSED
@@ -164,6 +164,39 @@ def test_chain_ids_are_keyed_by_image() -> None:
     assert parsed.phrases["has_box"].tolist() == [True, False]
     assert parsed.counts()["chains"] == 2
     assert set(parsed.images["split"]) == {"none"}
+
+
+def test_a_phrase_whose_chain_the_xml_never_names_has_no_box_and_is_counted() -> None:
+    files = [
+        AnnotationFiles(
+            "a",
+            annotation_xml("a", 10, 10, [object_xml([1], (1, 1, 5, 5))]),
+            "a.xml",
+            b"[/EN#1/people A man] and [/EN#7/animals a dog] and [/EN#0/notvisual fun] .\n",
+            "a.txt",
+        )
+    ]
+    parsed = parse_dataset(files, [], set())
+    assert parsed.phrases["has_box"].tolist() == [True, False, False]
+    assert parsed.counts()["phrases_with_unknown_chain"] == 1  # not the not-visual phrase
+    assert parsed.examples()["phrases_with_unknown_chain"] == [
+        {"image_id": "a", "caption_index": 0, "chain_id": 7, "text": "a dog"}
+    ]
+    assert parsed.counts()["chains"] == 1  # chain 7 has no row
+
+
+def test_an_id_twice_in_a_split_list_counts_once_and_is_listed() -> None:
+    lists = [SplitList("train", "train.txt", ["100", "100", "400", "100"])]
+    parsed = parse_dataset(tiny_annotation_files(), lists, tiny_image_files())
+    assert parsed.counts()["images_train"] == 2
+    assert parsed.counts()["duplicate_split_ids"] == 2
+    assert parsed.examples(limit=1)["duplicate_split_ids"] == [
+        {
+            "source": "train.txt",
+            "reason": "image id 100 is listed again (first on line 1)",
+            "line": 2,
+        }
+    ]
 
 
 # --- image files and skipped files ---------------------------------------------------------

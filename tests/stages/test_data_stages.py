@@ -155,7 +155,11 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_parse_stage_outputs(work: Path) -> None:
-    assert read_json(work / "reports" / "parse.json") == {**TINY_COUNTS, "skipped": []}
+    assert read_json(work / "reports" / "parse.json") == {
+        **TINY_COUNTS,
+        "skipped": [],
+        "examples": {"duplicate_split_ids": [], "phrases_with_unknown_chain": []},
+    }
     tables = {
         path.stem: pd.read_parquet(path) for path in (work / "data" / "parsed").glob("*.parquet")
     }
@@ -354,3 +358,97 @@ def test_malformed_xml_exits_with_status_1_naming_the_file(tmp_path: Path) -> No
     )
     assert "tag mismatch" in errors[0]
     assert not (tmp_path / "data").exists() and not (tmp_path / "reports").exists()
+
+
+def run_parse(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    """Run the parse stage in ``tmp_path`` as ``dvc repro`` would; its stderr (exit 1)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as caught:
+        run(parse_stage.main, parse_argv(tmp_path))
+    assert caught.value.code == 1
+    return capsys.readouterr().err
+
+
+def test_a_chain_id_too_large_for_int64_is_one_located_error_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    huge = b"12345678901234567890123"
+    image = TINY_IMAGES[0]  # 100: chain 1 is named on line 9 of its XML, in its first caption
+    replace = {
+        "Annotations/100.xml": image.xml.replace(
+            b"<name>1</name>", b"<name>" + huge + b"</name>", 1
+        ),
+        "Sentences/100.txt": image.sentences.replace(b"/EN#1/", b"/EN#" + huge + b"/", 1),
+    }
+    root = write_dataset(tmp_path / "dataset", replace=replace)
+    write_params(tmp_path / "params.yaml", root)
+    error = run_parse(tmp_path, capsys)
+    assert error.splitlines()[-1] == (
+        f"error: {root}/annotations.zip!Annotations/100.xml:9: chain id {huge.decode()} "
+        "is not in 0..2^63-1"
+    )
+    assert not (tmp_path / "data").exists() and not (tmp_path / "reports").exists()
+
+
+@pytest.mark.parametrize("end", [b"\r", b"\r\n"], ids=["CR", "CRLF"])
+def test_old_mac_line_ends_and_byte_order_marks_parse_as_the_plain_files(
+    tmp_path: Path, work: Path, end: bytes
+) -> None:
+    bom = b"\xef\xbb\xbf"
+    replace = {
+        f"Sentences/{image.image_id}.txt": bom + image.sentences.replace(b"\n", end)
+        for image in TINY_IMAGES
+    }
+    root = write_dataset(tmp_path / "dataset", replace=replace)
+    for split_list in root.glob("*.txt"):
+        split_list.write_bytes(bom + split_list.read_bytes().replace(b"\n", end))
+    write_params(tmp_path / "params.yaml", root)
+    parse_stage.main(parse_argv(tmp_path))
+    assert read_json(tmp_path / "reports" / "parse.json") == read_json(
+        work / "reports" / "parse.json"
+    )
+    for name in ("images", "captions", "phrases"):
+        pd.testing.assert_frame_equal(
+            pd.read_parquet(tmp_path / "data" / "parsed" / f"{name}.parquet"),
+            pd.read_parquet(work / "data" / "parsed" / f"{name}.parquet"),
+        )
+
+
+def test_a_non_utf8_split_list_is_one_located_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = write_dataset(tmp_path / "dataset")
+    (root / "train.txt").write_bytes(b"100\n4\xe900\n")  # Latin-1
+    write_params(tmp_path / "params.yaml", root)
+    error = run_parse(tmp_path, capsys)
+    assert error.splitlines()[-1] == (
+        f"error: {root}/train.txt:2: not UTF-8 text (invalid continuation byte at byte 5)"
+    )
+    assert not (tmp_path / "data").exists()
+
+
+def test_duplicate_split_ids_and_unknown_chains_are_counted_with_examples(
+    tmp_path: Path,
+) -> None:
+    image = TINY_IMAGES[0]
+    unknown = image.sentences.replace(b"/EN#1/", b"/EN#99/", 1)  # chain 99: not in the XML
+    root = write_dataset(tmp_path / "dataset", replace={"Sentences/100.txt": unknown})
+    (root / "train.txt").write_text("100\n400\n100\n", encoding="utf-8")
+    write_params(tmp_path / "params.yaml", root)
+    parse_stage.main(parse_argv(tmp_path))
+    summary = read_json(tmp_path / "reports" / "parse.json")
+    assert summary["images_train"] == 2  # 100 counted once
+    assert summary["duplicate_split_ids"] == 1
+    assert summary["phrases_with_unknown_chain"] == 1
+    assert summary["phrases_with_box"] == TINY_COUNTS["phrases_with_box"] - 1
+    assert summary["examples"]["duplicate_split_ids"] == [
+        {
+            "source": str(root / "train.txt"),
+            "reason": "image id 100 is listed again (first on line 1)",
+            "line": 3,
+        }
+    ]
+    [phrase] = summary["examples"]["phrases_with_unknown_chain"]
+    assert (phrase["image_id"], phrase["chain_id"]) == ("100", 99)
+    phrases = pd.read_parquet(tmp_path / "data" / "parsed" / "phrases.parquet")
+    assert not phrases.loc[phrases["chain_id"] == 99, "has_box"].any()

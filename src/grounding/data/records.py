@@ -90,8 +90,11 @@ class Skipped:
 
 class RecordReader(Sized, Protocol):
     """What a format reader is: ``len()`` (for progress bars; may be an estimate of the work)
-    and iteration over the records, with what it left out in ``skipped`` once iterated."""
+    and iteration over the records, with what it left out in ``skipped`` once iterated;
+    ``duplicate_split_ids`` are the lines of a split list that name an image the list already
+    named (counted once; always empty for formats whose split is the file)."""
 
     skipped: list[Skipped]
+    duplicate_split_ids: list[Skipped]
 
     def __iter__(self) -> Iterator[ImageRecord]: ...

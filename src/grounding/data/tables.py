@@ -13,6 +13,10 @@ The tables (all keyed by ``image_id``, a string; columns in :mod:`grounding.sche
 - ``chain_boxes``: ``image_id, chain_id, box_id`` -- the many-to-many link between entities
   and boxes (a box shared by two chains has two rows, a chain with three boxes three);
 - ``chains``: ``image_id, chain_id, n_boxes, nobndbox, scene`` -- every entity.
+
+A phrase whose chain its image's annotation never names (no box, and not flagged as a no-box
+or scene object) has no row in ``chains`` and ``has_box`` False, like a no-box phrase; it is
+counted as ``phrases_with_unknown_chain``, since it is more likely a typo in the chain id.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from grounding.boxes import BOX_COLUMNS
-from grounding.data.records import ImageRecord, Skipped
+from grounding.data.records import NOT_VISUAL, ImageRecord, Skipped
 from grounding.schemas import (
     BOXES,
     CAPTIONS,
@@ -50,6 +54,7 @@ class ParsedDataset:
     chain_boxes: pd.DataFrame
     chains: pd.DataFrame
     skipped: list[Skipped] = field(default_factory=list)
+    duplicate_split_ids: list[Skipped] = field(default_factory=list)
 
     def tables(self) -> dict[str, pd.DataFrame]:
         """The tables by name (``images``, ``captions``, ...)."""
@@ -66,17 +71,42 @@ class ParsedDataset:
             "chains": len(self.chains),
             "images_with_file": int(self.images["has_file"].sum()),
             "skipped_files": len(self.skipped),
+            "duplicate_split_ids": len(self.duplicate_split_ids),
+            "phrases_with_unknown_chain": int(self._unknown_chain().sum()),
             **{f"images_{split}": int((self.images["split"] == split).sum()) for split in SPLITS},
             f"images_{NO_SPLIT}": int((self.images["split"] == NO_SPLIT).sum()),
         }
 
+    def examples(self, limit: int = 10) -> dict[str, list[dict]]:
+        """Up to ``limit`` of what the counts ``duplicate_split_ids`` and
+        ``phrases_with_unknown_chain`` counted: the split list lines (``source, reason,
+        line``) and the phrases (``image_id, caption_index, chain_id, text``)."""
+        phrases = self.phrases[self._unknown_chain()].head(limit)
+        columns = ["image_id", "caption_index", "chain_id", "text"]
+        return {
+            "duplicate_split_ids": [vars(line) for line in self.duplicate_split_ids[:limit]],
+            "phrases_with_unknown_chain": phrases[columns].to_dict("records"),
+        }
+
+    def _unknown_chain(self) -> pd.Series:
+        """Per phrase: its chain is not visual's and has no row in ``chains``."""
+        known = pd.MultiIndex.from_frame(self.chains[["image_id", "chain_id"]])
+        named = pd.MultiIndex.from_frame(self.phrases[["image_id", "chain_id"]]).isin(known)
+        return pd.Series(
+            ~named & (self.phrases["chain_id"] != NOT_VISUAL).to_numpy(), index=self.phrases.index
+        )
+
 
 def build_tables(
-    records: Iterable[ImageRecord], present_files: set[str], skipped: list[Skipped] | None = None
+    records: Iterable[ImageRecord],
+    present_files: set[str],
+    skipped: list[Skipped] | None = None,
+    duplicate_split_ids: list[Skipped] | None = None,
 ) -> ParsedDataset:
     """The tables of ``records``. ``present_files`` holds the file names (relative to the
     images folder) that exist: it sets ``has_file``. ``skipped`` is what the reader left out
-    (read after ``records`` is exhausted, since a reader fills it while it is iterated)."""
+    and ``duplicate_split_ids`` the split list lines it counted once (both read after
+    ``records`` is exhausted, since a reader fills them while it is iterated)."""
     rows: dict[str, list[tuple]] = {schema.name: [] for schema in PARSED}
     for record in records:
         _add(rows, record)
@@ -94,6 +124,7 @@ def build_tables(
         chain_boxes=_frame(CHAIN_BOXES, rows["chain_boxes"]),
         chains=_frame(CHAINS, rows["chains"]),
         skipped=list(skipped or []),
+        duplicate_split_ids=list(duplicate_split_ids or []),
     )
 
 

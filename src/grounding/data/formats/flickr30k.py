@@ -30,7 +30,7 @@ from lxml import etree
 
 from grounding.data.records import NOT_VISUAL, Box, Caption, Entity, ImageRecord, Phrase, Skipped
 from grounding.errors import DataError, FormatError
-from grounding.schemas import SPLITS
+from grounding.schemas import INT64_MAX, SPLITS
 
 #: The entity types of Flickr30k Entities, in the dataset's order.
 TYPES: tuple[str, ...] = (
@@ -51,6 +51,27 @@ NOT_VISUAL_CHAIN = NOT_VISUAL
 IMAGE_SUFFIX = ".jpg"
 
 _PHRASE_HEAD = re.compile(r"^\[/EN#(\d+)((?:/[^/\s]+)+)$")
+#: A line ends at ``\r\n``, ``\n`` or a lone ``\r`` (old Mac files), as in Python's universal
+#: newlines; not at the other characters ``str.splitlines()`` breaks at (U+2028, form feed ...),
+#: which may stand inside a caption.
+_LINE_END = re.compile(r"\r\n|\r|\n")
+_LINE_END_BYTES = re.compile(rb"\r\n|\r|\n")
+
+
+def text_lines(data: bytes, source: str) -> list[str]:
+    """The lines of a text file (UTF-8, with or without a byte order mark; any line ends).
+
+    Raises :class:`FormatError` naming ``source``, the line and the byte offset of bytes that
+    are not UTF-8.
+    """
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = len(_LINE_END_BYTES.findall(data, 0, error.start)) + 1
+        raise FormatError(
+            source, f"not UTF-8 text ({error.reason} at byte {error.start})", line
+        ) from None
+    return _LINE_END.split(text.removeprefix("\ufeff"))
 
 
 @dataclass(frozen=True)
@@ -116,7 +137,20 @@ def _int_text(element: etree._Element, tag: str, source: str) -> int:
         value = math.nan
     if not value.is_integer():
         raise FormatError(source, f"<{tag}> is not an integer: {text!r}", child.sourceline)
+    if abs(value) > INT64_MAX:
+        raise FormatError(source, f"<{tag}> is too large: {text!r}", child.sourceline)
     return int(value)
+
+
+def _chain_id(name: etree._Element, source: str) -> int:
+    text = (name.text or "").strip()
+    try:
+        chain_id = int(text)
+    except ValueError:
+        raise FormatError(source, "chain id is not an integer", name.sourceline) from None
+    if not 0 <= chain_id <= INT64_MAX:
+        raise FormatError(source, f"chain id {text} is not in 0..2^63-1", name.sourceline)
+    return chain_id
 
 
 def _flag(element: etree._Element, tag: str) -> bool:
@@ -143,10 +177,7 @@ def parse_annotation(xml: bytes, source: str) -> Annotation:
         names = element.findall("name")
         if not names:
             raise FormatError(source, "<object> without <name>", element.sourceline)
-        try:
-            chain_ids = tuple(int((name.text or "").strip()) for name in names)
-        except ValueError:
-            raise FormatError(source, "chain id is not an integer", element.sourceline) from None
+        chain_ids = tuple(_chain_id(name, source) for name in names)
         bndbox = element.find("bndbox")
         box = None
         if bndbox is not None:
@@ -208,6 +239,10 @@ def parse_caption(line: str, source: str, line_number: int) -> CaptionLine:
             if head is None:
                 raise FormatError(source, f"malformed phrase head {token!r}", line_number)
             chain_id = int(head.group(1))
+            if chain_id > INT64_MAX:
+                raise FormatError(
+                    source, f"chain id {head.group(1)} is not in 0..2^63-1", line_number
+                )
             types = tuple(head.group(2).strip("/").split("/"))
             unknown = [t for t in types if t not in TYPES]
             if unknown:
@@ -240,17 +275,11 @@ def parse_caption(line: str, source: str, line_number: int) -> CaptionLine:
 
 
 def parse_sentences(text: bytes, source: str) -> list[CaptionLine]:
-    """Parse one ``Sentences/<id>.txt`` file (UTF-8), one caption per non-empty line."""
-    try:
-        decoded = text.decode("utf-8")
-    except UnicodeDecodeError as error:
-        line = text[: error.start].count(b"\n") + 1
-        raise FormatError(source, f"not UTF-8 text ({error.reason})", line) from None
-    # split on "\n" only, as the official reader does: str.splitlines() would also break
-    # lines at characters such as U+2028 inside a caption
+    """Parse one ``Sentences/<id>.txt`` file (see :func:`text_lines`), one caption per
+    non-empty line."""
     return [
-        parse_caption(line.rstrip("\r"), source, number)
-        for number, line in enumerate(decoded.split("\n"), start=1)
+        parse_caption(line, source, number)
+        for number, line in enumerate(text_lines(text, source), start=1)
         if line.strip()
     ]
 
@@ -448,25 +477,33 @@ class SplitList:
 
 
 def read_split_list(text: str, split: str, source: str) -> SplitList:
-    """A split list file's text (one image id per line) as a :class:`SplitList`."""
-    return SplitList(split, source, [line.strip() for line in text.splitlines() if line.strip()])
+    """A split list file's text (one image id per line, any line ends) as a
+    :class:`SplitList`; blank lines are dropped."""
+    ids = [line.strip() for line in _LINE_END.split(text.removeprefix("\ufeff"))]
+    return SplitList(split, source, [image_id for image_id in ids if image_id])
 
 
 def read_split_lists(folder: Path) -> list[SplitList]:
-    """The split lists ``<folder>/{train,val,test}.txt`` that exist."""
+    """The split lists ``<folder>/{train,val,test}.txt`` that exist (see :func:`text_lines`)."""
     return [
-        read_split_list(path.read_text(encoding="utf-8"), split, str(path))
+        read_split_list("\n".join(text_lines(path.read_bytes(), str(path))), split, str(path))
         for split in SPLITS
         if (path := folder / f"{split}.txt").is_file()
     ]
 
 
 def split_of_images(
-    image_ids: set[str], split_lists: Sequence[SplitList], skip_bad: bool, skipped: list[Skipped]
+    image_ids: set[str],
+    split_lists: Sequence[SplitList],
+    skip_bad: bool,
+    skipped: list[Skipped],
+    duplicates: list[Skipped] | None = None,
 ) -> dict[str, str]:
     """Map image id -> split from the lists; an unknown id or an id in two lists is an error
-    (an unknown id is skipped and listed with ``skip_bad``)."""
+    (an unknown id is skipped and listed with ``skip_bad``). An id listed again in the same
+    list counts once and is listed in ``duplicates``."""
     split_of: dict[str, str] = {}
+    first_line: dict[str, int] = {}
     for split_list in split_lists:
         if split_list.split not in SPLITS:
             raise ValueError(f"unknown split {split_list.split!r}; expected one of {SPLITS}")
@@ -485,7 +522,14 @@ def split_of_images(
                     f"image id {image_id} is in both {split_of[image_id]} and {split_list.split}",
                     line,
                 )
+            if image_id in split_of:
+                if duplicates is not None:
+                    first = first_line[image_id]
+                    reason = f"image id {image_id} is listed again (first on line {first})"
+                    duplicates.append(Skipped(split_list.source, reason, line))
+                continue
             split_of[image_id] = split_list.split
+            first_line[image_id] = line
     return split_of
 
 
@@ -495,7 +539,8 @@ class Flickr30kReader:
     ``files`` are the images' annotation files (an :class:`AnnotationArchive`, or any
     sequence of :class:`AnnotationFiles`), ``split_lists`` the dataset's split lists. A file
     that breaks the format raises :class:`FormatError` naming it, or, with
-    ``skip_bad_files``, leaves its image out and is listed in :attr:`skipped`.
+    ``skip_bad_files``, leaves its image out and is listed in :attr:`skipped`. An id listed
+    twice in one split list counts once and is listed in :attr:`duplicate_split_ids`.
     """
 
     def __init__(
@@ -508,10 +553,13 @@ class Flickr30kReader:
         self.files = files
         self.skip_bad_files = skip_bad_files
         self.skipped: list[Skipped] = []
+        self.duplicate_split_ids: list[Skipped] = []
         image_ids = (
             files.image_ids if isinstance(files, AnnotationArchive) else [f.image_id for f in files]
         )
-        self._split_of = split_of_images(set(image_ids), split_lists, skip_bad_files, self.skipped)
+        self._split_of = split_of_images(
+            set(image_ids), split_lists, skip_bad_files, self.skipped, self.duplicate_split_ids
+        )
 
     @classmethod
     def open(

@@ -173,6 +173,7 @@ class SplitFilesReader:
     def __init__(self, files: Mapping[str, Path], *, skip_bad_files: bool = False) -> None:
         self.skip_bad_files = skip_bad_files
         self.skipped: list[Skipped] = []
+        self.duplicate_split_ids: list[Skipped] = []  # the split is the file: none
         self._images = PendingImages()
         for split, path in files.items():
             if split not in SPLITS:
