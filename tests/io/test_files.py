@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -167,3 +174,120 @@ def test_features_written_without_metadata_keys_are_named(tmp_path: Path) -> Non
     io.write_json(stale, tmp_path / "features.json")
     with pytest.raises(DataError, match=r"lacks \['region_dim'\]"):
         io.read_features(tmp_path)
+
+
+# --- a full device -------------------------------------------------------------------------
+
+MB = 1_000_000
+
+
+def full_device(monkeypatch: pytest.MonkeyPatch, free: int) -> None:
+    """Make the device report ``free`` bytes free and refuse to reserve any space."""
+
+    def posix_fallocate(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", posix_fallocate, raising=False)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=free))
+
+
+def test_region_features_on_a_full_device_name_the_sizes_and_leave_no_temp_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    full_device(monkeypatch, free=3 * MB)
+    with pytest.raises(DataError) as caught, io.region_features_writer(tmp_path, (1000, 1280)):
+        pytest.fail("the block must not run: its rows could not be written")
+    assert str(caught.value) == (
+        f"no space left on device writing {tmp_path / 'regions.npy'} (needs ~5.1 MB, 3.0 MB free)"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_array_on_a_full_device_is_refused_before_writing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    full_device(monkeypatch, free=MB // 2)
+    with pytest.raises(DataError, match=r"phrases\.npy \(needs ~4\.0 MB, 0\.5 MB free\)$"):
+        io.write_array(np.zeros((1000, 1000), np.float32), tmp_path / "phrases.npy")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("free, fits", [(MB, False), (10 * MB, True)])
+def test_without_space_reservation_the_free_space_is_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, free: int, fits: bool
+) -> None:
+    def posix_fallocate(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+
+    monkeypatch.setattr(os, "posix_fallocate", posix_fallocate, raising=False)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=free))
+    if fits:
+        with io.region_features_writer(tmp_path, (1000, 1280)) as array:
+            array[:] = 1.0
+        assert io.read_array(tmp_path / "regions.npy").sum() == 1000 * 1280
+    else:
+        with pytest.raises(DataError, match=r"needs ~5\.1 MB, 1\.0 MB free"):
+            io.write_array(np.ones((1000, 1280), np.float32), tmp_path / "regions.npy")
+        assert list(tmp_path.iterdir()) == []
+
+
+def test_any_write_that_fills_the_device_is_a_data_error_without_temp_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def to_parquet(self: pd.DataFrame, path: Path, **kwargs: object) -> None:
+        Path(path).write_bytes(b"PAR1 half")
+        raise OSError(errno.ENOSPC, "Error writing bytes to file")  # what pyarrow raises
+
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", to_parquet)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=0))
+    with pytest.raises(
+        DataError, match=r"^no space left on device writing .*pairs\.parquet \(0\.0 MB free\)$"
+    ):
+        io.write_table(pd.DataFrame({"a": [1]}), tmp_path / "pairs.parquet")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_array_leaves_no_reserved_room_behind(tmp_path: Path) -> None:
+    io.write_array(np.arange(12.0).reshape(3, 4), tmp_path / "a.npy")
+    assert (tmp_path / "a.npy").stat().st_size == 128 + 12 * 8  # header + data, no more
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MB tmpfs (needs root and a kernel that lets this process mount one)."""
+    full = tmp_path / "full"
+    full.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(full)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield full
+    finally:
+        subprocess.run(["umount", str(full)], check=False)
+
+
+@pytest.mark.slow
+def test_region_features_on_a_real_full_device_are_an_error_not_sigbus(tiny_tmpfs: Path) -> None:
+    # before issue 13 this process died of SIGBUS (exit -7), leaving a 5 MB temporary file
+    script = (
+        "from pathlib import Path\n"
+        "from grounding import io\n"
+        "from grounding.errors import run\n"
+        "def main(argv):\n"
+        f"    with io.region_features_writer(Path('{tiny_tmpfs}/features'), (1000, 1280)) as a:\n"
+        "        a[:] = 1.0\n"
+        "run(main)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=False, timeout=120
+    )
+    assert result.returncode == 1, result
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: no space left on device writing {tiny_tmpfs}/features/regions.npy "
+        "(needs ~5.1 MB, 1.0 MB free)"
+    )
+    assert list((tiny_tmpfs / "features").iterdir()) == []

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -452,3 +454,39 @@ def test_duplicate_split_ids_and_unknown_chains_are_counted_with_examples(
     assert (phrase["image_id"], phrase["chain_id"]) == ("100", 99)
     phrases = pd.read_parquet(tmp_path / "data" / "parsed" / "phrases.parquet")
     assert not phrases.loc[phrases["chain_id"] == 99, "has_box"].any()
+
+
+def test_features_on_a_full_device_is_one_line_and_leaves_no_temp_file(
+    work: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from stand_ins import POOLING, WORDS, install, word_encoder
+
+    from stages import features as features_stage
+
+    install(monkeypatch)
+    monkeypatch.setattr(features_stage, "load_text_encoder", lambda name: word_encoder())
+
+    def posix_fallocate(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", posix_fallocate, raising=False)
+    write_params(
+        tmp_path / "params.yaml",
+        work / "dataset",
+        features={"backbone": POOLING, "text_encoder": WORDS},
+    )
+    arguments = features_argv(tmp_path)
+    for option, folder in (("--parsed", "parsed"), ("--pairs", "pairs")):
+        arguments[arguments.index(option) + 1] = str(work / "data" / folder)
+    capsys.readouterr()
+    with contextlib.chdir(tmp_path), pytest.raises(SystemExit) as caught:
+        run(features_stage.main, arguments)
+    assert caught.value.code == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    regions = tmp_path / "data" / "features" / "regions.npy"
+    assert re.fullmatch(
+        rf"error: no space left on device writing {re.escape(str(regions))} "
+        r"\(needs ~0\.0 MB, [\d,]+\.\d MB free\)",
+        error,
+    ), error
+    assert list((tmp_path / "data" / "features").iterdir()) == []

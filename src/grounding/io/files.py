@@ -2,14 +2,18 @@
 
 Tables are parquet, arrays ``.npy``, summaries JSON, small tables for plots CSV; every write
 goes to a temporary file in the target folder and is renamed into place, so a stage that dies
-never leaves a half-written output behind.
+never leaves a half-written output behind. A full device ends the write with a
+:class:`~grounding.errors.DataError` (``no space left on device writing <path> ...``) and
+removes the temporary file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -25,9 +29,25 @@ from grounding.schemas import FeaturesMeta
 # --- atomic writes -------------------------------------------------------------------------
 
 
+MB = 1_000_000
+
+
+def no_space(path: Path, needed: int | None = None, free: int | None = None) -> DataError:
+    """The error of a write to ``path`` that its device has no room for: ``needed`` bytes
+    (when known) against ``free`` bytes (by default, what the device has free now)."""
+    if free is None:
+        free = shutil.disk_usage(path.parent).free
+    needs = f"needs ~{needed / MB:,.1f} MB, " if needed is not None else ""
+    return DataError(f"no space left on device writing {path} ({needs}{free / MB:,.1f} MB free)")
+
+
 @contextmanager
 def atomic(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds."""
+    """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds.
+
+    The temporary file is removed whatever happens; a write that fills the device
+    (``ENOSPC``) raises :func:`no_space`.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -37,9 +57,41 @@ def atomic(path: Path) -> Iterator[Path]:
     try:
         yield Path(tmp)
         os.replace(tmp, path)
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        os.remove(tmp)  # first, so that the free space reported counts it
+        raise no_space(path) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def reserve(path: Path, size: int, target: Path) -> None:
+    """Allocate the first ``size`` bytes of the file ``path`` on its device now, or raise
+    :func:`no_space` for ``target`` if the device cannot hold them.
+
+    Writing through a memory map to a file whose pages the device cannot hold kills the
+    process with SIGBUS, which Python cannot catch; reserving first turns that into an error.
+    Where the file system cannot reserve space, the free space is checked instead.
+    """
+    held = os.stat(path).st_blocks * 512  # a sparse file holds fewer blocks than its size
+    free = shutil.disk_usage(path.parent).free + held
+    fallocate = getattr(os, "posix_fallocate", None)  # not on macOS
+    if fallocate is not None:
+        fd = os.open(path, os.O_RDWR)
+        try:
+            fallocate(fd, 0, size)
+            return
+        except OSError as error:
+            if error.errno == errno.ENOSPC:
+                raise no_space(target, size, free) from None
+            if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+        finally:
+            os.close(fd)
+    if free < size:
+        raise no_space(target, size, free)
 
 
 def write_bytes(content: bytes, path: Path) -> None:
@@ -113,9 +165,18 @@ def read_tables(folder: Path, names: tuple[str, ...]) -> dict[str, pd.DataFrame]
     return {name: read_table(folder / f"{name}.parquet") for name in names}
 
 
+#: Room reserved for an ``.npy`` header (numpy pads it to a multiple of 64 bytes).
+NPY_HEADER_ROOM = 4096
+
+
 def write_array(array: np.ndarray, path: Path) -> None:
-    with atomic(path) as tmp, open(tmp, "wb") as handle:
-        np.save(handle, array, allow_pickle=False)
+    """``array`` as ``.npy``; its space is reserved first (numpy's write to a full device
+    fails without saying why)."""
+    with atomic(path) as tmp:
+        reserve(tmp, array.nbytes + NPY_HEADER_ROOM, path)
+        with open(tmp, "r+b") as handle:
+            np.save(handle, array, allow_pickle=False)
+            handle.truncate()  # the unused rest of the header room
 
 
 def read_array(path: Path, mmap: bool = False) -> np.ndarray:
@@ -146,9 +207,17 @@ FEATURES_META = "features.json"
 def region_features_writer(folder: Path, shape: tuple[int, int]) -> Iterator[np.ndarray]:
     """A memory-mapped float32 array ``shape`` to fill with region features (row =
     ``region_id``); it becomes ``<folder>/regions.npy`` only if the block succeeds, so the
-    features of a large dataset never have to fit in memory at once."""
-    with atomic(folder / REGION_FEATURES) as tmp:
+    features of a large dataset never have to fit in memory at once. The file's space is
+    reserved before the first row is written (see :func:`reserve`): a device too small for it
+    is a :class:`DataError` naming the size, not a crash."""
+    path = folder / REGION_FEATURES
+    with atomic(path) as tmp:
         array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+        try:
+            reserve(tmp, os.path.getsize(tmp), path)
+        except DataError:
+            del array  # unmapped before the temporary file is removed
+            raise
         yield array
         array.flush()
         del array
