@@ -87,6 +87,11 @@ def test_whole_numbers_may_be_strings() -> None:
     for bad in ("500px", 12.5, True, None, "nan"):
         with pytest.raises(BadRecord, match="is not a whole number"):
             whole_number(bad, "width")
+    # the tables hold int64: a larger size is refused here, not when the table is written
+    assert whole_number(2**62, "width") == 2**62
+    for huge in (10**23, "12345678901234567890123", 1e30):
+        with pytest.raises(BadRecord, match="width is too large"):
+            whole_number(huge, "width")
 
 
 def test_boxes_must_have_area_and_lie_inside_up_to_a_pixel_of_rounding() -> None:

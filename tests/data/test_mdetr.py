@@ -231,6 +231,15 @@ def test_a_bad_record_is_named_by_file_and_record(tmp_path: Path, change, messag
     assert str(raised.value).startswith(f"{path}: ")
 
 
+def test_a_byte_order_mark_is_ignored_and_bad_bytes_are_located(tmp_path: Path) -> None:
+    path = tmp_path / "val.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(flickr_like()).encode())
+    assert [r.image_id for r in MdetrReader({"val": path})] == ["1000092795"]
+    path.write_bytes(b'{"images": [],\n "annotations": ["caf\xe9"]}\n')
+    with pytest.raises(FormatError, match=r"val\.json:2: not UTF-8 text \(.* at byte 36\)$"):
+        MdetrReader({"val": path})
+
+
 def test_malformed_json_is_named_by_line(tmp_path: Path) -> None:
     path = tmp_path / "val.json"
     path.write_text('{"images": [],\n "annotations": [}\n', encoding="utf-8")

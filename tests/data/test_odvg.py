@@ -330,6 +330,12 @@ def test_not_utf8_is_named(tmp_path: Path) -> None:
     assert raised.value.line == 2
 
 
+def test_a_byte_order_mark_is_ignored(tmp_path: Path) -> None:
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD).encode() + b"\r\n")
+    assert [r.image_id for r in OdvgReader({"train": path})] == ["1"]
+
+
 def test_an_image_in_two_split_files_is_an_error(tmp_path: Path) -> None:
     files = {
         "train": write_lines(tmp_path / "train.jsonl", [GOOD]),

@@ -33,7 +33,7 @@ from typing import Any, ClassVar, Self
 
 from grounding.data.records import Box, Caption, Entity, ImageRecord, Phrase, Skipped
 from grounding.errors import DataError
-from grounding.schemas import SPLITS
+from grounding.schemas import INT64_MAX, SPLITS
 
 #: Pixels a box may overshoot its image and be clipped to it rather than rejected.
 CLIP_TOLERANCE = 1.0
@@ -252,6 +252,8 @@ def whole_number(value: Any, what: str) -> int:
             number = float(value)
     if not number.is_integer():
         raise BadRecord(f"{what} is not a whole number: {value!r}")
+    if abs(number) > INT64_MAX:  # as a float: 2**63 and above
+        raise BadRecord(f"{what} is too large: {value!r}")
     return int(number)
 
 

@@ -134,9 +134,12 @@ class MdetrReader(SplitFilesReader):
 
     def read_file(self, path: Path, split: str) -> None:
         try:
-            content = json.loads(path.read_bytes().decode("utf-8"))
+            data = path.read_bytes()
+            content = json.loads(data.decode("utf-8").removeprefix("\ufeff"))
         except UnicodeDecodeError as error:
-            raise FormatError(str(path), f"not UTF-8 text ({error.reason})") from None
+            line = data.count(b"\n", 0, error.start) + 1
+            reason = f"not UTF-8 text ({error.reason} at byte {error.start})"
+            raise FormatError(str(path), reason, line) from None
         except json.JSONDecodeError as error:
             raise FormatError(str(path), f"malformed JSON: {error.msg}", error.lineno) from None
         try:

@@ -129,7 +129,7 @@ class OdvgReader(SplitFilesReader):
 
     def _read_line(self, raw: bytes, split: str, where: str) -> None:
         try:
-            line = raw.decode("utf-8")
+            line = raw.decode("utf-8").removeprefix("\ufeff")  # a byte order mark: ignored
         except UnicodeDecodeError as error:
             raise BadRecord(f"not UTF-8 text ({error.reason})") from None
         if not line.strip():
