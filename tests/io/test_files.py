@@ -91,6 +91,17 @@ def test_write_tables_is_all_or_nothing(tmp_path: Path) -> None:
     assert sorted(p.name for p in folder.iterdir()) == ["boxes.parquet", "images.parquet"]
 
 
+def test_write_tables_failing_midway_into_a_new_folder_leaves_no_folder(tmp_path: Path) -> None:
+    tables = {
+        "images": pd.DataFrame({"image_id": ["1"]}),
+        "chains": pd.DataFrame({"chain_id": [1, 12345678901234567890123]}),  # beyond int64
+        "boxes": pd.DataFrame({"x1": [0.0]}),
+    }
+    with pytest.raises(OverflowError):
+        io.write_tables(tables, tmp_path / "data" / "parsed")
+    assert list((tmp_path / "data").iterdir()) == []  # no parsed/, no table, no temp file
+
+
 def test_csv_and_text_round_trip(tmp_path: Path) -> None:
     table = pd.DataFrame({"threshold": [0.25, 0.5], "recall": [0.9, 0.7]})
     io.write_csv(table, tmp_path / "plots" / "pr.csv")

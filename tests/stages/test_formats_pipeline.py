@@ -144,6 +144,7 @@ def test_the_data_stages_read_each_format_with_the_same_counts(tmp_path: Path, n
         "images_with_file": 3,
         "images_none": 0,
         "skipped": [],
+        "examples": {"duplicate_split_ids": [], "phrases_with_unknown_chain": []},
     }
     paired = read_json(tmp_path / name / "reports" / "pair.json")
     # the Flickr30k run's 28 phrases, 10 candidates, 66 pairs less image 500's 10, 2 and 20

@@ -151,13 +151,20 @@ def write_figure(figure: Any, path: Path, format: str | None = None) -> None:
 
 def write_tables(tables: Mapping[str, pd.DataFrame], folder: Path) -> None:
     """Write each table as ``<folder>/<name>.parquet``: all of them or none (each is first
-    written beside its target, then all are renamed into place)."""
-    with contextlib.ExitStack() as stack:
-        temporary = {
-            name: stack.enter_context(atomic(folder / f"{name}.parquet")) for name in tables
-        }
-        for name, table in tables.items():
-            table.to_parquet(temporary[name], index=False)
+    written beside its target, then all are renamed into place); a folder this call made is
+    removed again if the writing fails."""
+    new_folder = not folder.exists()
+    try:
+        with contextlib.ExitStack() as stack:
+            temporary = {
+                name: stack.enter_context(atomic(folder / f"{name}.parquet")) for name in tables
+            }
+            for name, table in tables.items():
+                table.to_parquet(temporary[name], index=False)
+    except BaseException:
+        if new_folder and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+        raise
 
 
 def read_tables(folder: Path, names: tuple[str, ...]) -> dict[str, pd.DataFrame]:
