@@ -33,7 +33,9 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     flickr30k = dataset_format("flickr30k")
     reader = flickr30k.open(args.root, splits=args.root)
-    parsed = build_tables(reader, io.present_files(args.root / "images"), reader.skipped)
+    parsed = build_tables(
+        reader, io.present_files(args.root / "images"), reader.skipped, reader.duplicate_split_ids
+    )
     parse_s = time.perf_counter() - start
     start = time.perf_counter()
     validation.check_parsed(parsed.tables(), types=flickr30k.types)

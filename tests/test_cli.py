@@ -181,3 +181,11 @@ def test_the_default_model_is_the_grounder_weights_file(
     with pytest.raises(SystemExit):
         cli_main(["predict", "x.jpg", "--phrase", "a"])
     assert "models/grounder.safetensors: no model here" in capsys.readouterr().err
+
+
+def test_a_phrases_file_with_a_byte_order_mark_and_any_line_ends(tmp_path: Path) -> None:
+    from grounding.cli import _read_phrases
+
+    phrases = tmp_path / "phrases.txt"
+    phrases.write_bytes(b"\xef\xbb\xbfa red box\r\ra blue box\r\nthe grey background\n")
+    assert _read_phrases(phrases) == ["a red box", "a blue box", "the grey background"]

@@ -72,7 +72,8 @@ def _predict(args: argparse.Namespace) -> None:
 def _read_phrases(path: Path) -> list[str]:
     """One phrase per line; blank lines are skipped."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        # utf-8-sig: a byte order mark is not part of the first phrase
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as error:
         raise DataError(f"{path}: cannot read phrases ({error})") from None
     return [line for line in lines if line.strip()]
