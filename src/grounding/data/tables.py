@@ -15,8 +15,9 @@ The tables (all keyed by ``image_id``, a string; columns in :mod:`grounding.sche
 - ``chains``: ``image_id, chain_id, n_boxes, nobndbox, scene`` -- every entity.
 
 A phrase whose chain its image's annotation never names (no box, and not flagged as a no-box
-or scene object) has no row in ``chains`` and ``has_box`` False, like a no-box phrase; it is
-counted as ``phrases_with_unknown_chain``, since it is more likely a typo in the chain id.
+or scene object) has no row in ``chains`` and ``has_box`` False, like a no-box phrase, and is
+counted as ``phrases_with_unknown_chain``: the official annotations have none, so one is more
+likely a mistyped chain id than a phrase without a box.
 """
 
 from __future__ import annotations
