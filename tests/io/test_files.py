@@ -167,3 +167,17 @@ def test_features_written_without_metadata_keys_are_named(tmp_path: Path) -> Non
     io.write_json(stale, tmp_path / "features.json")
     with pytest.raises(DataError, match=r"lacks \['region_dim'\]"):
         io.read_features(tmp_path)
+
+
+def test_writable_checks_create_nothing_and_name_the_option(tmp_path: Path) -> None:
+    io.check_writable_file(tmp_path / "new" / "deeper" / "boxes.png", "--out")
+    io.check_writable_folder(tmp_path / "cache" / "proposals", "--cache")
+    assert list(tmp_path.iterdir()) == []  # only probed
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DataError, match=r"^--out .*/file/a\.png: .*/file is a file, not a folder"):
+        io.check_writable_file(tmp_path / "file" / "a.png", "--out")
+    with pytest.raises(DataError, match=r"^--cache .*/file: a file, not a folder"):
+        io.check_writable_folder(tmp_path / "file", "--cache")
+    with pytest.raises(DataError, match=r"^--out .*: a folder, not a file"):
+        io.check_writable_file(tmp_path, "--out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
