@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 import stand_ins
-from conftest import jpeg_bytes
+from conftest import jpeg_bytes, png_header
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
@@ -348,6 +348,7 @@ def test_http_grounds_base64_with_line_breaks_and_data_urls(server_url: str, sha
         (["IMAGE", ["a", "b"]], {}, "row 1: phrase is a list (2 items)"),
         (["not base64!", "a dog"], {}, "row 1: image is not base64-encoded"),
         ([encode_image(b"GIF89a-not-really"), "a dog"], {}, "row 1: unreadable image"),
+        ([encode_image(png_header(12_000, 12_000)), "a dog"], {}, "row 1: image too large"),
     ],
 )
 def test_http_bad_input_is_a_400_naming_the_row_without_traceback(

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import io as bytes_io
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import jpeg_bytes
+from conftest import jpeg_bytes, png_header
 from PIL import Image
 
 from grounding import io
@@ -138,22 +136,6 @@ def test_a_size_turned_by_exif_is_explained() -> None:
     assert size_disagreement(turned, (20, 40)) is None
     plain = io.decode_image(jpeg_bytes(20, 40), "plain.jpg")
     assert "EXIF" not in (size_disagreement(plain, (40, 20)) or "")
-
-
-def png_header(width: int, height: int) -> bytes:
-    """A PNG that declares ``width x height`` RGB pixels but holds a few bytes of them."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        crc = struct.pack(">I", zlib.crc32(kind + data))
-        return struct.pack(">I", len(data)) + kind + data + crc
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 100))
-        + chunk(b"IEND", b"")
-    )
 
 
 @pytest.mark.parametrize(

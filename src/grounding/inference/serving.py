@@ -120,7 +120,7 @@ def check_rows(table: pd.DataFrame) -> pd.DataFrame:
 
 def _kind(value: object) -> str:
     """What a JSON value that is not a string is, in words."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
         return "null"
     if isinstance(value, bool | np.bool_):
         return f"a boolean ({str(bool(value)).lower()})"
