@@ -5,6 +5,7 @@ the stand-in models."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -189,3 +190,133 @@ def test_a_phrases_file_with_a_byte_order_mark_and_any_line_ends(tmp_path: Path)
     phrases = tmp_path / "phrases.txt"
     phrases.write_bytes(b"\xef\xbb\xbfa red box\r\ra blue box\r\nthe grey background\n")
     assert _read_phrases(phrases) == ["a red box", "a blue box", "the grey background"]
+# --- the checks that come before any model is loaded or any phrase grounded ------------------
+
+
+def _fails(argv: list[str], capsys: pytest.CaptureFixture[str], status: int = 1) -> str:
+    """Run the CLI, expecting it to stop with ``status``; its last stderr line, checked to be
+    one ``error:`` line and no traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(argv)
+    assert exit_info.value.code == status
+    error = capsys.readouterr().err
+    assert "Traceback" not in error, error
+    last = error.strip().splitlines()[-1]
+    assert "error: " in last, error
+    return last
+
+
+NOT_A_GROUNDER = """
+import mlflow.pyfunc
+from mlflow.models import set_model
+
+
+class Echo(mlflow.pyfunc.PythonModel):
+    def predict(self, context, model_input, params=None):
+        return model_input
+
+
+set_model(Echo())
+"""
+
+
+def _save_echo_model(folder: Path) -> None:
+    """An MLflow pyfunc model (from code) in ``folder / "m"`` that is not a grounder."""
+    import mlflow
+
+    (folder / "echo.py").write_text(NOT_A_GROUNDER, encoding="utf-8")
+    mlflow.pyfunc.save_model(str(folder / "m"), python_model=str(folder / "echo.py"))
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda d: (d / "m").mkdir(), "m: a folder without an MLmodel file"),
+        (lambda d: (d / "m").write_text("a note"), "m: not a model file of this project"),
+        (_save_echo_model, "m: an MLflow model, but not a grounder of this project"),
+    ],
+)
+def test_a_model_that_is_not_a_grounder_is_one_line(
+    setup, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "x.jpg").write_bytes(jpeg_bytes(64, 64))
+    setup(tmp_path)
+    capsys.readouterr()
+    last = _fails(["predict", "x.jpg", "--phrase", "a", "--model", "m"], capsys)
+    assert last.startswith(f"error: {message}"), last
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--out", "boxes.png"], "--out boxes.png: a folder, not a file"),
+        (["--out", "notes.txt/boxes.png"], "notes.txt is a file, not a folder"),
+        (["--cache", "notes.txt"], "--cache notes.txt: a file, not a folder"),
+        (["--cache", "notes.txt/cache"], "notes.txt is a file, not a folder"),
+    ],
+)
+def test_outputs_are_checked_before_the_model_is_loaded(
+    extra: list[str],
+    message: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "x.jpg").write_bytes(jpeg_bytes(64, 64))
+    (tmp_path / "boxes.png").mkdir()
+    (tmp_path / "notes.txt").write_text("a note")
+    # the model does not exist: checked later, it would be the error
+    argv = ["predict", "x.jpg", "--phrase", "a", "--model", "nowhere.safetensors", *extra]
+    assert message in _fails(argv, capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["boxes.png", "notes.txt", "x.jpg"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes in any folder")
+def test_an_unwritable_cache_folder_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "x.jpg").write_bytes(jpeg_bytes(64, 64))
+    (tmp_path / "locked").mkdir(mode=0o555)
+    argv = ["predict", "x.jpg", "--phrase", "a", "--cache", "locked/cache"]
+    assert "--cache locked/cache: cannot write in" in _fails(argv, capsys)
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two"])
+def test_top_k_below_one_is_refused_before_anything_is_loaded(
+    value: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["predict", str(tmp_path / "absent.jpg"), "--phrase", "a", "--top-k", value]
+    assert "argument --top-k" in _fails(argv, capsys, status=2)  # argparse's usage error
+
+
+@pytest.mark.parametrize("uri", ["models:/phrase-grounder/1", "runs:/0123456789abcdef/grounder"])
+def test_an_mlflow_uri_outside_the_repository_creates_no_store_and_names_it(
+    uri: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "x.jpg").write_bytes(jpeg_bytes(64, 64))
+    last = _fails(["predict", "x.jpg", "--phrase", "a", "--model", uri], capsys)
+    assert f"no MLflow store at {tmp_path / 'mlflow.db'}" in last
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.jpg"]
+
+
+def test_a_model_missing_from_an_existing_store_names_the_store(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlflow
+
+    store = f"sqlite:///{tmp_path / 'other.db'}"
+    mlflow.MlflowClient(store).search_experiments()  # creates the store's tables
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "x.jpg").write_bytes(jpeg_bytes(64, 64))
+    last = _fails(
+        ["predict", "x.jpg", "--phrase", "a", "--model", "models:/phrase-grounder/1"], capsys
+    )
+    assert f"cannot load the model in the store {store}" in last and "not found" in last

@@ -46,6 +46,10 @@ def _predict(args: argparse.Namespace) -> None:
     phrases = check_phrases(phrases)
     if args.out and args.out.suffix.lstrip(".").lower() not in io.FIGURE_FORMATS:
         raise DataError(f"--out {args.out}: the picture must be one of {io.FIGURE_FORMATS}")
+    if args.out:  # before grounding: a bad output place fails fast
+        io.check_writable_file(args.out, "--out")
+    if not args.no_cache:
+        io.check_writable_folder(args.cache, "--cache")
     image = io.read_image(args.image)  # before the model: a bad image fails fast
     started = time.perf_counter()
     grounder = load_grounder(args.model)
@@ -123,20 +127,71 @@ def load_grounder(model: str) -> Grounder:
 
     path = Path(model)
     if "://" not in model and ":/" not in model and not (path / "MLmodel").exists():
+        if path.is_dir():
+            raise DataError(
+                f"{model}: a folder without an MLmodel file: neither a grounder weights file "
+                "nor an MLflow model folder"
+            )
         return Grounder.from_weights(*io.read_weights(path))
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from grounding import tracking
-    from grounding.config import repo_root
-
-    mlflow.set_tracking_uri(tracking.tracking_uri(repo_root()))
+    store = _model_store(model) if ":/" in model else None
+    if store:
+        mlflow.set_tracking_uri(store)
     try:
         loaded = mlflow.pyfunc.load_model(model)
     except (MlflowException, OSError) as error:
-        raise DataError(f"{model}: cannot load the model ({error})") from None
-    return loaded.unwrap_python_model().grounder
+        where = f" in the store {store}" if store else ""
+        raise DataError(f"{model}: cannot load the model{where} ({error})") from None
+    return _grounder_of(loaded, model)
+
+
+def _model_store(model: str) -> str:
+    """The tracking store an MLflow model URI (``runs:/``, ``models:/``) is looked up in (that
+    of :mod:`grounding.tracking`, with ``MLFLOW_REGISTRY_URI`` when set); :class:`DataError`
+    naming it if it is a SQLite file that does not exist (MLflow would create an empty one)."""
+    from grounding import tracking
+    from grounding.config import repo_root
+
+    uri = tracking.tracking_uri(repo_root())
+    registry = os.environ.get("MLFLOW_REGISTRY_URI")
+    for store in (uri, registry if model.startswith("models:/") else None):
+        if store and store.startswith("sqlite:///"):
+            database = Path(store.removeprefix("sqlite:///"))
+            if not database.is_file():
+                raise DataError(
+                    f"{model}: cannot load the model: no MLflow store at {database.absolute()} "
+                    "(run from the repository that logged it, or set MLFLOW_TRACKING_URI)"
+                )
+    return uri if not registry or uri == registry else f"{uri} (registry {registry})"
+
+
+def _grounder_of(loaded: object, model: str) -> Grounder:
+    """The grounder inside a loaded pyfunc model; :class:`DataError` if it holds none."""
+    from mlflow.exceptions import MlflowException
+
+    from grounding.inference.grounder import Grounder
+
+    try:
+        grounder = getattr(loaded.unwrap_python_model(), "grounder", None)  # type: ignore[attr-defined]
+    except MlflowException:  # a pyfunc of another flavour (sklearn, ...)
+        grounder = None
+    if not isinstance(grounder, Grounder):
+        raise DataError(f"{model}: an MLflow model, but not a grounder of this project")
+    return grounder
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
+    return value
 
 
 def _default_cache() -> Path:
@@ -188,7 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="grounder weights file, pyfunc model folder, or MLflow URI "
         "(runs:/<run id>/grounder, models:/phrase-grounder/<version>); default %(default)s",
     )
-    predict.add_argument("--top-k", type=int, default=1, help="boxes per phrase (default 1)")
+    predict.add_argument(
+        "--top-k", type=_positive_int, default=1, help="boxes per phrase, >= 1 (default 1)"
+    )
     predict.add_argument(
         "--out", type=Path, help="also draw the boxes and phrases on the image (.png, .jpg, ...)"
     )

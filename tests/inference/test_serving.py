@@ -1,16 +1,26 @@
 """The grounder as an MLflow pyfunc model: the input table, the output rows, and bad input as
-``INVALID_PARAMETER_VALUE`` (HTTP 400 from `mlflow models serve`)."""
+``INVALID_PARAMETER_VALUE`` (HTTP 400 from `mlflow models serve`), checked over real HTTP
+against MLflow's scoring server in this process."""
 
 from __future__ import annotations
 
+import base64
 import io
+import json
+import re
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 import stand_ins
-from conftest import jpeg_bytes
+from conftest import jpeg_bytes, png_header
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
@@ -20,8 +30,10 @@ from grounding.inference.serving import (
     OUTPUT_COLUMNS,
     SIGNATURE,
     GrounderModel,
+    check_top_k,
     decode_image,
     encode_image,
+    image_text,
     predict_table,
 )
 from grounding.io import write_weights
@@ -68,6 +80,56 @@ def test_decode_image_names_the_bad_row() -> None:
     truncated = jpeg_bytes(64, 64)[:300]
     with pytest.raises(DataError, match="row 1: unreadable image"):
         decode_image(encode_image(truncated), 1)
+
+
+def test_base64_with_line_breaks_and_a_data_url_prefix_is_accepted() -> None:
+    content = jpeg_bytes(64, 48)
+    wrapped = base64.encodebytes(content).decode()  # 76 columns, as GNU base64 writes
+    assert "\n" in wrapped
+    assert decode_image(wrapped, 0).size == (64, 48)
+    url = "data:image/jpeg;base64," + encode_image(content)
+    assert decode_image(url, 0).size == (64, 48)
+    assert image_text("DATA:image/png;charset=x;base64,QUJD\r\nREVG\n") == "QUJDREVG"
+    with pytest.raises(DataError, match="row 2: image is not base64-encoded"):
+        decode_image("data:image/png,%89PNG", 2)  # a data URL, but not base64
+
+
+@pytest.mark.parametrize(
+    "image, phrase, message",
+    [
+        (None, "a dog", "row 1: image is null, not a string"),
+        (float("nan"), "a dog", "row 1: image is null, not a string"),
+        ({}, "a dog", "row 1: image is an object (0 keys), not a string"),
+        ("IMAGE", None, "row 1: phrase is null, not a string"),
+        ("IMAGE", 5, "row 1: phrase is a number (5), not a string"),
+        ("IMAGE", True, "row 1: phrase is a boolean (true), not a string"),
+        ("IMAGE", ["a", "b"], "row 1: phrase is a list (2 items), not a string"),
+        ("IMAGE", "  ", "row 1: phrase is empty"),
+        ("", "a dog", "row 1: image is empty"),
+    ],
+)
+def test_a_row_with_a_null_or_non_string_value_is_refused_by_its_number(
+    image: object, phrase: object, message: str
+) -> None:
+    good = encode_image(jpeg_bytes(64, 48))
+    image = good if image == "IMAGE" else image
+    table = pd.DataFrame({"image": [good, image], "phrase": ["a cat", phrase]}, dtype=object)
+    stand_in = RecordingGrounder()
+    with pytest.raises(DataError, match=f"^{re.escape(message)}$"):
+        predict_table(stand_in, table, top_k=1)  # type: ignore[arg-type]
+    assert stand_in.calls == []  # refused before any grounding
+
+
+@pytest.mark.parametrize("value", [None, 0, -1, True, "3", 2.0])
+def test_top_k_must_be_a_whole_number_of_at_least_one(value: object) -> None:
+    with pytest.raises(DataError, match=r"param top_k is .*; it must be a whole number >= 1"):
+        check_top_k(value)
+
+
+def test_top_k_accepts_python_and_numpy_integers() -> None:
+    import numpy as np
+
+    assert check_top_k(3) == 3 and check_top_k(np.int64(2)) == 2
 
 
 # --- predict_table -----------------------------------------------------------------------
@@ -159,7 +221,7 @@ def test_the_model_grounds_the_table_with_the_grounder_file(model: GrounderModel
     [
         ("not base64!", "a dog", "row 0: image is not base64-encoded"),
         (encode_image(b"GIF89a-not-really"), "a dog", "row 0: unreadable image"),
-        (encode_image(jpeg_bytes(64, 64)), "   ", "phrase 1 of 1 is empty"),
+        (encode_image(jpeg_bytes(64, 64)), "   ", "row 0: phrase is empty"),
         (encode_image(jpeg_bytes(16, 64)), "a dog", "at least 32"),
     ],
 )
@@ -169,3 +231,135 @@ def test_bad_input_is_an_invalid_parameter(
     with pytest.raises(MlflowException, match=message) as caught:
         model.predict(None, pd.DataFrame({"image": [image], "phrase": [phrase]}))
     assert caught.value.error_code == "INVALID_PARAMETER_VALUE"
+
+
+def test_a_bug_is_a_500_without_traceback(
+    model: GrounderModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("/secret/install/path")
+
+    monkeypatch.setattr(model.grounder, "ground", broken)
+    image = encode_image(png_bytes(stand_ins.two_shapes()))
+    with pytest.raises(MlflowException) as caught:
+        model.predict(None, pd.DataFrame({"image": [image], "phrase": ["a box"]}))
+    assert caught.value.get_http_status_code() == 500
+    body = caught.value.serialize_as_json()
+    assert "RuntimeError" in body and "/secret" not in body and "Traceback" not in body
+
+
+# --- over HTTP: MLflow's scoring server (what `mlflow models serve` runs) --------------------
+
+
+@pytest.fixture(scope="module")
+def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The URL of MLflow's scoring server app serving the pyfunc model (logged as the
+    pipeline logs it: a model from code) of a stand-in grounder, on a loopback port."""
+    import mlflow
+    import uvicorn
+    from mlflow.pyfunc import scoring_server
+
+    from grounding import tracking
+
+    folder = tmp_path_factory.mktemp("served")
+    weights = folder / "grounder.safetensors"
+    with pytest.MonkeyPatch.context() as patch:
+        stand_ins.install(patch)
+        write_weights(
+            *grounder_weights(
+                stand_ins.trained_head(),
+                threshold=0.5,
+                candidates="selective_search",
+                settings=stand_ins.SETTINGS,
+            ),
+            weights,
+        )
+        mlflow.pyfunc.save_model(
+            str(folder / "model"),
+            python_model=str(tracking._MODEL_CODE),
+            artifacts={"grounder": str(weights)},
+            signature=SIGNATURE,
+            pip_requirements=["grounding"],
+        )
+        served = mlflow.pyfunc.load_model(str(folder / "model"))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = uvicorn.Config(
+        scoring_server.init(served), host="127.0.0.1", port=port, log_level="warning"
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+def post(url: str, payload: object) -> tuple[int, str]:
+    request = urllib.request.Request(
+        f"{url}/invocations",
+        data=json.dumps(payload).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+@pytest.fixture(scope="module")
+def shapes() -> bytes:
+    return png_bytes(stand_ins.two_shapes())
+
+
+def test_http_grounds_base64_with_line_breaks_and_data_urls(server_url: str, shapes: bytes) -> None:
+    images = [
+        encode_image(shapes),
+        base64.encodebytes(shapes).decode(),
+        "data:image/png;base64," + encode_image(shapes),
+    ]
+    data = [[image, "a red box"] for image in images]
+    status, body = post(
+        server_url,
+        {"dataframe_split": {"columns": ["image", "phrase"], "data": data}, "params": {"top_k": 2}},
+    )
+    assert status == 200, body
+    predictions = json.loads(body)["predictions"]
+    assert [p["row"] for p in predictions] == [0, 0, 1, 1, 2, 2]
+    assert len({(p["x1"], p["score"]) for p in predictions if p["rank"] == 1}) == 1  # one image
+
+
+@pytest.mark.parametrize(
+    "row, params, message",
+    [
+        (["IMAGE", "a dog"], {"top_k": None}, "param top_k is null"),
+        (["IMAGE", "a dog"], {"top_k": 0}, "param top_k is 0"),
+        ([None, "a dog"], {}, "row 1: image is null"),
+        ([{}, "a dog"], {}, "row 1: image is an object"),
+        (["IMAGE", None], {}, "row 1: phrase is null"),
+        (["IMAGE", 5], {}, "row 1: phrase is a number (5)"),
+        (["IMAGE", True], {}, "row 1: phrase is a boolean (true)"),
+        (["IMAGE", ["a", "b"]], {}, "row 1: phrase is a list (2 items)"),
+        (["not base64!", "a dog"], {}, "row 1: image is not base64-encoded"),
+        ([encode_image(b"GIF89a-not-really"), "a dog"], {}, "row 1: unreadable image"),
+        ([encode_image(png_header(12_000, 12_000)), "a dog"], {}, "row 1: image too large"),
+    ],
+)
+def test_http_bad_input_is_a_400_naming_the_row_without_traceback(
+    server_url: str, shapes: bytes, row: list, params: dict, message: str
+) -> None:
+    image = encode_image(shapes)
+    data = [[image, "a red box"], [image if value == "IMAGE" else value for value in row]]
+    payload = {"dataframe_split": {"columns": ["image", "phrase"], "data": data}}
+    status, body = post(server_url, {**payload, "params": params} if params else payload)
+    assert status == 400, body
+    answer = json.loads(body)
+    assert answer["error_code"] == "INVALID_PARAMETER_VALUE"
+    assert message in answer["message"]
+    assert "stack_trace" not in answer and "Traceback" not in body and ".py" not in body

@@ -5,13 +5,15 @@ from __future__ import annotations
 import io as bytes_io
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
-from conftest import jpeg_bytes
+from conftest import jpeg_bytes, png_header
 from PIL import Image
 
 from grounding import io
 from grounding.errors import DataError
+from grounding.io.images import MAX_IMAGE_PIXELS, size_disagreement
 
 
 def png_bytes(mode: str, size: tuple[int, int]) -> bytes:
@@ -72,7 +74,89 @@ def test_decode_image_error_starts_with_the_name_it_is_given() -> None:
 def test_decode_image_refuses_a_decompression_bomb(monkeypatch: pytest.MonkeyPatch) -> None:
     # Pillow raises (not warns) above twice MAX_IMAGE_PIXELS
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
-    with pytest.raises(DataError, match=r"^big\.png: image too large \("):
+    with pytest.raises(
+        DataError, match=r"^big\.png: image too large; at most 100 pixels accepted \("
+    ):
+        io.decode_image(png_bytes("RGB", (20, 20)), "big.png")
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
+def test_a_16_bit_greyscale_image_is_scaled_by_its_value_range_not_clipped(fmt: str) -> None:
+    # 0, 256, ..., 65280 across: a viewer shows a ramp from black to white
+    ramp = np.tile((np.arange(256, dtype=np.uint16) << 8), (4, 1))
+    stored = Image.fromarray(ramp)
+    assert stored.mode == "I;16"
+    buffer = bytes_io.BytesIO()
+    stored.save(buffer, format=fmt)
+    image = io.decode_image(buffer.getvalue(), f"ramp.{fmt.lower()}")
+    pixels = np.asarray(image)
+    assert image.mode == "RGB" and image.size == (256, 4)
+    assert pixels[0, :, 0].tolist() == list(range(256))  # value >> 8; clipping gave 255 from 1 on
+    assert (pixels[..., 0] == pixels[..., 2]).all()
+
+
+def test_32_bit_integer_pixels_of_16_bit_values_are_scaled_and_others_refused() -> None:
+    def tiff(values: np.ndarray) -> bytes:
+        buffer = bytes_io.BytesIO()
+        Image.fromarray(values.astype(np.int32)).save(buffer, format="TIFF")
+        return buffer.getvalue()
+
+    image = io.decode_image(tiff(np.full((4, 4), 0x8000)), "mid.tif")
+    assert np.asarray(image)[0, 0].tolist() == [128, 128, 128]
+    with pytest.raises(DataError, match=r"^wide\.tif: 32-bit integer pixels"):
+        io.decode_image(tiff(np.full((4, 4), 70_000)), "wide.tif")
+
+
+def jpeg_with_orientation(orientation: int) -> bytes:
+    """A 40x20 JPEG as stored, red on the left half, blue on the right, EXIF-tagged."""
+    image = Image.new("RGB", (40, 20), (255, 0, 0))
+    image.paste((0, 0, 255), (20, 0, 40, 20))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = bytes_io.BytesIO()
+    image.save(buffer, format="JPEG", exif=exif.tobytes(), quality=95)
+    return buffer.getvalue()
+
+
+def test_the_exif_orientation_is_applied_as_a_viewer_shows_the_image() -> None:
+    image = io.decode_image(jpeg_with_orientation(6), "phone.jpg")  # 6: turn 90 clockwise
+    assert image.size == (20, 40) and image.info["orientation"] == 6
+    top, bottom = np.asarray(image)[5, 10], np.asarray(image)[35, 10]
+    assert top[0] > 200 > top[2] and bottom[2] > 200 > bottom[0]  # the left side is on top
+    upright = io.decode_image(jpeg_with_orientation(1), "upright.jpg")
+    assert upright.size == (40, 20) and "orientation" not in upright.info
+
+
+def test_a_size_turned_by_exif_is_explained() -> None:
+    turned = io.decode_image(jpeg_with_orientation(8), "phone.jpg")
+    message = size_disagreement(turned, (40, 20))
+    assert message is not None
+    assert message.startswith("the file is 20x40 pixels but its annotation says 40x20")
+    assert "EXIF orientation (8)" in message
+    assert size_disagreement(turned, (20, 40)) is None
+    plain = io.decode_image(jpeg_bytes(20, 40), "plain.jpg")
+    assert "EXIF" not in (size_disagreement(plain, (40, 20)) or "")
+
+
+@pytest.mark.parametrize(
+    "size, message",
+    [
+        ((10_000, 7_000), r"image is 10000x7000 = 70,000,000 pixels; at most 60,000,000"),
+        ((12_000, 12_000), r"image too large; at most 60,000,000 pixels accepted"),  # > Pillow's
+    ],
+)
+def test_the_pixel_cap_is_checked_from_the_header_before_decoding(
+    size: tuple[int, int], message: str
+) -> None:
+    # decoding these truncated pixels would fail as "unreadable": refused before that
+    with pytest.raises(DataError, match=rf"^huge\.png: {message}"):
+        io.decode_image(png_header(*size), "huge.png")
+    assert MAX_IMAGE_PIXELS < Image.MAX_IMAGE_PIXELS  # Pillow never decodes what we refuse
+
+
+def test_pillows_bomb_warning_is_a_refusal_not_a_decode(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300)  # warns above 300, raises above 600
+    with pytest.raises(DataError, match=r"^big\.png: image too large; at most 300 pixels"):
         io.decode_image(png_bytes("RGB", (20, 20)), "big.png")
 
 

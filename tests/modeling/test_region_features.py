@@ -8,6 +8,7 @@ the packaged backbones.
 from __future__ import annotations
 
 import importlib.util
+import io
 from collections.abc import Iterator
 
 import numpy as np
@@ -18,6 +19,7 @@ from stand_ins import pooling_backbone
 
 from grounding.boxes import GEOMETRY_COLUMNS, box_geometry
 from grounding.errors import DataError
+from grounding.io import decode_image
 from grounding.modeling.backbones import (
     BACKBONES,
     IMAGENET_MEAN,
@@ -188,6 +190,24 @@ def test_candidate_features_refuse_an_image_of_another_size(pooling: Backbone) -
         pooling, candidates, images, lambda _: quadrants(32, 64), image_size=64, batch_size=1
     )
     with pytest.raises(DataError, match="32x64 pixels but its annotation says 64x32"):
+        next(features)
+
+
+def test_candidate_features_say_when_exif_turned_the_image(pooling: Backbone) -> None:
+    stored = Image.new("RGB", (64, 32), (200, 40, 40))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    stored.save(buffer, format="JPEG", exif=exif.tobytes())
+    turned = decode_image(buffer.getvalue(), "a.jpg")
+    candidates = pd.DataFrame(
+        {"region_id": [0], "image_id": ["a"], "x1": [0.0], "y1": [0.0], "x2": [8.0], "y2": [8.0]}
+    )
+    images = pd.DataFrame({"image_id": ["a"], "width": [64], "height": [32]})
+    features = candidate_features(
+        pooling, candidates, images, lambda _: turned, image_size=64, batch_size=1
+    )
+    with pytest.raises(DataError, match=r"32x64 pixels .* EXIF orientation \(6\) turns"):
         next(features)
 
 

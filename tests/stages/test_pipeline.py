@@ -255,17 +255,25 @@ def test_served_grounder_answers_http_and_refuses_bad_input_with_400(pipeline: P
         assert all(0.0 <= p["score"] <= 1.0 for p in predictions)
 
         bad = [
-            [["not base64!", "a dog"]],
-            [[encode_image(b"GIF89a-not-really"), "a dog"]],
-            [[image, "   "]],
+            ([["not base64!", "a dog"]], {}),
+            ([[encode_image(b"GIF89a-not-really"), "a dog"]], {}),
+            ([[image, "   "]], {}),
+            ([[image, "a dog"], [None, "a cat"]], {}),
+            ([[{}, "a dog"]], {}),
+            ([[image, 5]], {}),
+            ([[image, "a dog"]], {"top_k": None}),
         ]
-        for data in bad:
+        for data, params in bad:
             status, body = _post(
                 f"{url}/invocations",
-                {"dataframe_split": {"columns": ["image", "phrase"], "data": data}},
+                {
+                    "dataframe_split": {"columns": ["image", "phrase"], "data": data},
+                    **({"params": params} if params else {}),
+                },
             )
             assert status == 400, body
             assert body["error_code"] == "INVALID_PARAMETER_VALUE"
+            assert "stack_trace" not in body and "Traceback" not in body["message"]
     finally:
         server.terminate()
         server.wait(timeout=30)

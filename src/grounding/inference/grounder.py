@@ -22,6 +22,7 @@ from PIL import Image
 from grounding import candidates
 from grounding.candidates import Propose
 from grounding.errors import ConfigError, DataError
+from grounding.io.images import MAX_IMAGE_PIXELS
 
 if TYPE_CHECKING:
     import torch
@@ -32,8 +33,6 @@ if TYPE_CHECKING:
 
 #: The smallest image side accepted (the backbone's stride is 32 pixels).
 MIN_IMAGE_SIDE = 32
-#: The most pixels accepted; larger images are almost certainly a mistake (or an attack).
-MAX_IMAGE_PIXELS = 60_000_000
 
 _BRACKETED = re.compile(r"\[(?:/EN#\d+(?:/[\w-]+)+\s+)?([^\[\]]*)\]")
 

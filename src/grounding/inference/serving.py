@@ -6,23 +6,31 @@ Output: one row per phrase and box: ``row`` (the input row), ``phrase``, ``rank`
 ``x1, y1, x2, y2`` (image pixels), ``score``, ``above_threshold`` and ``reason`` (why a phrase
 has no box). Param ``top_k`` (default 1): boxes per phrase.
 
-Bad input (not base64, not an image, an empty phrase, a missing column) raises an
-``MlflowException`` with ``INVALID_PARAMETER_VALUE``: ``mlflow models serve`` answers it with
-HTTP 400 and the message, never 500.
+The image is base64 (line breaks, as GNU ``base64`` writes by default, are ignored), with or
+without a ``data:image/...;base64,`` prefix. Bad input (a null or non-string image or phrase,
+not base64, not an image, an empty phrase, a missing column, ``top_k`` not a whole number
+>= 1) raises an ``MlflowException`` with ``INVALID_PARAMETER_VALUE`` naming the row:
+``mlflow models serve`` answers it with HTTP 400 and the message. Anything else (a bug) is
+logged with its traceback on the server and answered with a 500 that holds none.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import logging
+import math
+import numbers
+import re
 from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
+import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from PIL import Image
 
@@ -30,7 +38,11 @@ from grounding.errors import DataError
 from grounding.inference.grounder import Grounder
 from grounding.io.images import decode_image as decode_image_bytes
 
+_log = logging.getLogger(__name__)
+
 INPUT_COLUMNS = ("image", "phrase")
+#: ``data:image/png;base64,`` (any media type): the prefix of a data URL, dropped.
+_DATA_URL = re.compile(r"^data:[^,;]*(?:;[^,;]*)*;base64,", re.IGNORECASE)
 OUTPUT_COLUMNS = (
     "row",
     "phrase",
@@ -70,24 +82,73 @@ def decode_image(text: str, row: int) -> Image.Image:
     """The image of input row ``row``; :class:`DataError` naming the row if it is not a
     base64-encoded image file (or is truncated)."""
     try:
-        data = base64.b64decode(str(text), validate=True)
+        data = base64.b64decode(image_text(text), validate=True)
     except (binascii.Error, ValueError):
         raise DataError(f"row {row}: image is not base64-encoded") from None
     return decode_image_bytes(data, f"row {row}")
 
 
-def predict_table(grounder: Grounder, table: pd.DataFrame, *, top_k: int) -> pd.DataFrame:
-    """Ground every input row (see the module docstring); :class:`DataError` on bad input."""
+def image_text(text: str) -> str:
+    """The base64 of an ``image`` value: without a ``data:...;base64,`` prefix and without
+    the line breaks (or any whitespace) that base64 tools put in."""
+    return "".join(_DATA_URL.sub("", text.strip(), count=1).split())
+
+
+def check_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """The input table with its image column as bare base64 (:func:`image_text`) and its
+    phrases stripped; :class:`DataError` naming the first row whose image or phrase is null,
+    not a string, or empty (JSON gives ``null``, numbers, ``true``, lists and objects)."""
     missing = [column for column in INPUT_COLUMNS if column not in table.columns]
     if missing:
         raise DataError(f"input needs columns {list(INPUT_COLUMNS)}; missing {missing}")
     if table.empty:
         raise DataError("input has no rows")
     table = table.reset_index(drop=True)
+    for column in INPUT_COLUMNS:
+        for row, value in enumerate(table[column]):
+            if not isinstance(value, str):
+                raise DataError(f"row {row}: {column} is {_kind(value)}, not a string")
+            if not value.strip():
+                raise DataError(f"row {row}: {column} is empty")
+    return pd.DataFrame(
+        {
+            "image": [image_text(text) for text in table["image"]],
+            "phrase": [phrase.strip() for phrase in table["phrase"]],
+        }
+    )
+
+
+def _kind(value: object) -> str:
+    """What a JSON value that is not a string is, in words."""
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return "null"
+    if isinstance(value, bool | np.bool_):
+        return f"a boolean ({str(bool(value)).lower()})"
+    if isinstance(value, numbers.Number):
+        return f"a number ({value})"
+    if isinstance(value, list | tuple | np.ndarray):
+        return f"a list ({len(value)} items)"
+    if isinstance(value, dict):
+        return f"an object ({len(value)} keys)"
+    return f"a {type(value).__name__}"
+
+
+def check_top_k(value: object) -> int:
+    """The ``top_k`` param as an int; :class:`DataError` unless it is a whole number >= 1."""
+    whole = isinstance(value, numbers.Integral) and not isinstance(value, bool | np.bool_)
+    if not whole or int(value) < 1:  # type: ignore[call-overload]
+        shown = "null" if value is None else repr(value)
+        raise DataError(f"param top_k is {shown}; it must be a whole number >= 1 (default 1)")
+    return int(value)  # type: ignore[call-overload]
+
+
+def predict_table(grounder: Grounder, table: pd.DataFrame, *, top_k: int) -> pd.DataFrame:
+    """Ground every input row (see the module docstring); :class:`DataError` on bad input."""
+    table = check_rows(table)
     rows: list[dict[str, Any]] = []
     for _, group in table.groupby("image", sort=False):
         image = decode_image(group["image"].iloc[0], int(group.index[0]))
-        found = grounder.ground(image, group["phrase"].astype(str).tolist(), top_k=top_k)
+        found = grounder.ground(image, group["phrase"].tolist(), top_k=top_k)
         for row, grounding in zip(group.index, found, strict=True):
             if not grounding.boxes:
                 rows.append(
@@ -126,8 +187,14 @@ class GrounderModel(mlflow.pyfunc.PythonModel):
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
-        top_k = int((params or {}).get("top_k", 1))
         try:
+            top_k = check_top_k((params or {}).get("top_k", 1))
             return predict_table(self.grounder, pd.DataFrame(model_input), top_k=top_k)
         except DataError as error:
             raise MlflowException(str(error), error_code=INVALID_PARAMETER_VALUE) from None
+        except Exception as error:  # a bug: its traceback goes to the log, not to the client
+            _log.exception("grounding failed")
+            raise MlflowException(
+                f"internal error ({type(error).__name__}); the server's log has the details",
+                error_code=INTERNAL_ERROR,
+            ) from None

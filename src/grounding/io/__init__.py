@@ -5,6 +5,8 @@ file formats; stages read and write through it."""
 from grounding.io.files import (
     FIGURE_FORMATS,
     atomic,
+    check_writable_file,
+    check_writable_folder,
     read_array,
     read_csv,
     read_features,
@@ -33,6 +35,8 @@ __all__ = [
     "ImageFolder",
     "ProposalCache",
     "atomic",
+    "check_writable_file",
+    "check_writable_folder",
     "decode_image",
     "present_files",
     "read_array",

@@ -202,6 +202,38 @@ def require(path: Path) -> None:
         raise DataError(f"{path}: missing; run the stage that writes it (`dvc repro`)")
 
 
+def check_writable_file(path: Path, what: str) -> None:
+    """:class:`DataError` naming ``what`` (an option, ``--out``) unless a file can be written
+    at ``path``: it is not a folder and the folder it goes in is (or can be made) writable.
+    Creates nothing: for checking a command's outputs before the work that fills them."""
+    if path.is_dir():
+        raise DataError(f"{what} {path}: a folder, not a file")
+    _check_can_create_in(path.parent, what, path)
+
+
+def check_writable_folder(path: Path, what: str) -> None:
+    """:class:`DataError` naming ``what`` (``--cache``) unless files can be written in the
+    folder ``path`` (which need not exist yet). Creates nothing."""
+    if path.exists() and not path.is_dir():
+        raise DataError(f"{what} {path}: a file, not a folder")
+    _check_can_create_in(path, what, path)
+
+
+def _check_can_create_in(folder: Path, what: str, path: Path) -> None:
+    """Whether the nearest existing folder at or above ``folder`` takes a new file (a probe,
+    removed at once: permission bits say nothing for root or a read-only mount)."""
+    existing = folder.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise DataError(f"{what} {path}: {existing} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise DataError(f"{what} {path}: cannot write in {existing} ({error.strerror})") from None
+
+
 # --- features and checkpoints ----------------------------------------------------------------
 
 REGION_FEATURES = "regions.npy"

@@ -1,17 +1,35 @@
 """Image files in, RGB images out: the one decoder of the package (the pipeline, predict and
 the server all read images through it), with every failure a :class:`DataError` naming the
-file or request row."""
+file or request row.
+
+An image is decoded as a viewer shows it: its EXIF orientation applied (the pixels turned, the
+tag's value kept in ``image.info["orientation"]``), and 16-bit greyscale scaled to 8 bits by
+its value range (``>> 8``), not clipped. The pixel count is checked from the file's header,
+before any pixel is decoded.
+"""
 
 from __future__ import annotations
 
 import io as bytes_io
 import os
+import warnings
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from grounding.errors import DataError
+
+#: The most pixels an image may have: larger ones are almost certainly a mistake (or an
+#: attack). Below Pillow's own bomb limit (``Image.MAX_IMAGE_PIXELS``, 89 Mpx), so Pillow
+#: never decodes an image this refuses.
+MAX_IMAGE_PIXELS = 60_000_000
+#: The EXIF tag of the orientation, and the values that swap width and height.
+ORIENTATION = 0x0112
+SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
+#: Modes of one 16-bit channel (Pillow opens 16-bit greyscale PNGs and TIFFs so).
+_SIXTEEN_BIT = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 
 
 def read_image(path: Path) -> Image.Image:
@@ -30,15 +48,75 @@ def read_image(path: Path) -> Image.Image:
 
 
 def decode_image(data: bytes, name: str) -> Image.Image:
-    """An image file's bytes as an RGB image; :class:`DataError` starting with ``name`` (a
-    path, or ``row 3`` of a request) if they are not a readable image."""
+    """An image file's bytes as an RGB image, as a viewer shows it (see the module docstring);
+    :class:`DataError` starting with ``name`` (a path, or ``row 3`` of a request) if they are
+    not a readable image or have more than :data:`MAX_IMAGE_PIXELS` pixels (refused from the
+    header, before decoding)."""
     try:
-        with Image.open(bytes_io.BytesIO(data)) as image:
-            return image.convert("RGB")
-    except Image.DecompressionBombError as error:
-        raise DataError(f"{name}: image too large ({error})") from None
-    except (UnidentifiedImageError, OSError) as error:
+        with warnings.catch_warnings():
+            # Pillow warns, and decodes, up to twice its limit: here that is an error. (Not
+            # thread-safe before Python 3.14; a race only leaves or drops this one filter.)
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(bytes_io.BytesIO(data)) as image:  # reads the header only
+                check_pixels(image.size, name)
+                orientation = image.getexif().get(ORIENTATION, 1)
+                displayed = _eight_bit(ImageOps.exif_transpose(image), name).convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        limit = min(MAX_IMAGE_PIXELS, Image.MAX_IMAGE_PIXELS or MAX_IMAGE_PIXELS)
+        raise DataError(
+            f"{name}: image too large; at most {limit:,} pixels accepted ({error})"
+        ) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise DataError(f"{name}: unreadable image ({error})") from None
+    if orientation != 1:
+        displayed.info["orientation"] = orientation
+    return displayed
+
+
+def check_pixels(size: tuple[int, int], name: str) -> None:
+    """:class:`DataError` starting with ``name`` if an image of ``size`` ``(width, height)``
+    has more than :data:`MAX_IMAGE_PIXELS` pixels."""
+    width, height = size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise DataError(
+            f"{name}: image is {width}x{height} = {width * height:,} pixels; at most "
+            f"{MAX_IMAGE_PIXELS:,} accepted (shrink it first)"
+        )
+
+
+def _eight_bit(image: Image.Image, name: str) -> Image.Image:
+    """A 16-bit greyscale image (``I;16*``, or ``I`` whose values fit 16 bits) as 8-bit ``L``
+    by its value range (``value >> 8``: 65535 is white, 32768 mid-grey); any other image as it
+    is (Pillow already reads 16-bit RGB(A) PNGs as 8-bit by value range)."""
+    if image.mode not in _SIXTEEN_BIT and image.mode != "I":
+        return image
+    values = np.asarray(image).astype(np.int64)
+    if values.size and (values.min() < 0 or values.max() > 0xFFFF):
+        raise DataError(
+            f"{name}: 32-bit integer pixels ({values.min()} to {values.max()}) have no standard "
+            "value range; save the image with 8 or 16 bits per channel"
+        )
+    return Image.fromarray((values >> 8).astype(np.uint8))  # mode L
+
+
+def size_disagreement(image: Image.Image, annotated: tuple[int, int]) -> str | None:
+    """Why ``image`` (as :func:`decode_image` gave it) does not have its ``annotated``
+    ``(width, height)``, or ``None`` if it has. Says so when the file's EXIF orientation is
+    what turned it: the annotation was then made on the stored, unturned pixels."""
+    if image.size == annotated:
+        return None
+    width, height = image.size
+    message = (
+        f"the file is {width}x{height} pixels but its annotation says {annotated[0]}x{annotated[1]}"
+    )
+    orientation = image.info.get("orientation")
+    if orientation in SWAPPING_ORIENTATIONS and (height, width) == annotated:
+        message += (
+            f": its EXIF orientation ({orientation}) turns the stored {height}x{width} pixels "
+            "a quarter turn, as a viewer shows them, so the boxes were drawn on the stored "
+            "pixels; reset the tag (exiftool -Orientation=1 -n FILE) to keep them"
+        )
+    return message
 
 
 def present_files(folder: Path) -> set[str]:

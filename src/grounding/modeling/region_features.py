@@ -20,6 +20,7 @@ from PIL import Image
 
 from grounding.boxes import BOX_COLUMNS, GEOMETRY_COLUMNS, box_geometry
 from grounding.errors import DataError
+from grounding.io.images import size_disagreement
 from grounding.modeling.backbones import Backbone
 
 if TYPE_CHECKING:  # torch costs about 1.3 s to import: loaded by the functions that use it
@@ -164,11 +165,9 @@ def candidate_features(
     def load(image_id: str) -> Image.Image:
         image = load_image(image_id)
         expected = tuple(int(v) for v in sizes.loc[image_id])
-        if image.size != expected:
-            raise DataError(
-                f"image {image_id}: the file is {image.size[0]}x{image.size[1]} pixels but its "
-                f"annotation says {expected[0]}x{expected[1]}"
-            )
+        disagreement = size_disagreement(image, expected)
+        if disagreement:
+            raise DataError(f"image {image_id}: {disagreement}")
         return image
 
     items = (
