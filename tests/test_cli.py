@@ -79,6 +79,24 @@ def test_predict_prints_json_and_draws(
     assert len(list(cache.glob("*.npy"))) == 1
 
 
+def test_predict_boxes_are_in_the_upright_pixels_of_an_exif_turned_photo(
+    model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # stored a quarter turn anticlockwise, tagged "turn it clockwise" (6): as phones write
+    stored = stand_ins.two_shapes().transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    image = tmp_path / "phone.jpg"
+    stored.save(image, exif=exif.tobytes(), quality=95)
+    assert Image.open(image).size == (160, 240)
+    cli_main(["predict", str(image), "--model", str(model), "--phrase", "a red box", "--no-cache"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["size"] == [240, 160]
+    [box] = result["phrases"][0]["boxes"]
+    x1, y1, x2, y2 = box["box"]
+    assert 0 <= x1 < x2 <= 240 and 0 <= y1 < y2 <= 160
+
+
 def test_predict_without_cache_leaves_none(
     model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
