@@ -172,27 +172,3 @@ def test_ray_features_are_local_s_bit_for_bit_on_the_sample(
     assert not np.isnan(local).any()
     assert ray.tobytes() == local.tobytes()
     assert not shards.exists()  # merged, then removed: the features folder is as local's
-
-
-@pytest.mark.slow
-def test_a_worker_s_data_error_reaches_the_stage_as_one_line(
-    local_ray: None, coloured, tmp_path: Path
-) -> None:
-    folder, images, candidates = coloured
-    lying = images.assign(height=images["height"].where(images["image_id"] != "003", 7))
-    per_image = feature_engine("ray")(
-        pooling_backbone(),
-        candidates,
-        lying,
-        ImageFolder(folder, lying),
-        image_size=32,
-        batch_size=2,
-        context=False,
-        load_backbone=pooling_backbone,
-        ray_settings=FeaturesRayParams(concurrency=1, num_gpus=0),
-        shards=tmp_path / ".shards",
-    )
-    with pytest.raises(DataError) as raised:
-        list(per_image)
-    assert str(raised.value) == "image 003: the file is 56x56 pixels but its annotation says 56x7"
-    assert not (tmp_path / ".shards").exists()

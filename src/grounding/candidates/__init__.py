@@ -107,9 +107,9 @@ def candidate_regions(
     boxes proposed from its pixels (``load_image(image_id)``; cached when ``cache`` is given)
     by ``engine`` (:data:`grounding.candidates.engines.ENGINES`: ``local``, or ``ray`` with
     ``ray_settings``). ``progress`` wraps the loop over images (a progress bar)."""
+    run_engine = proposal_engine(engine)  # checked even when annotations need no engine
     if generator(name).propose is None:
         return annotated_regions(boxes[boxes["image_id"].isin(set(images["image_id"]))])
-    run_engine = proposal_engine(engine)
     return run_engine(
         proposer(name, settings, cache),
         images["image_id"].tolist(),
