@@ -19,7 +19,7 @@ from stand_ins import pooling_backbone
 
 from benchmarks import REPO
 from grounding.config import FeaturesRayParams
-from grounding.errors import ConfigError, DataError
+from grounding.errors import ConfigError
 from grounding.io import ImageFolder
 from grounding.io.shards import read_shard
 from grounding.modeling.backbones import load_backbone
