@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from functools import partial
 from pathlib import Path
 
 from tqdm import tqdm
@@ -11,7 +12,8 @@ from grounding import io, validation
 from grounding.config import load_params
 from grounding.errors import ConfigError, run
 from grounding.modeling.backbones import load_backbone
-from grounding.modeling.region_features import candidate_features, region_dim
+from grounding.modeling.engines import SHARDS, feature_engine
+from grounding.modeling.region_features import region_dim
 from grounding.modeling.text import distinct_phrases, encode_phrases, load_text_encoder
 from grounding.schemas import FeaturesMeta
 
@@ -30,6 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     params = load_params(args.params)
     cfg = params.features
+    engine = feature_engine(cfg.engine)
     candidates = io.read_table(args.pairs / "candidates.parquet")
     phrases = io.read_table(args.pairs / "phrases.parquet")
     images = io.read_table(args.parsed / "images.parquet")
@@ -42,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
 
     shape = (len(candidates), region_dim(backbone, context=cfg.context))
     with io.region_features_writer(args.out, shape) as regions:
-        per_image = candidate_features(
+        per_image = engine(
             backbone,
             candidates,
             images,
@@ -50,6 +53,9 @@ def main(argv: list[str] | None = None) -> None:
             image_size=cfg.image_size,
             batch_size=cfg.batch_size,
             context=cfg.context,
+            load_backbone=partial(load_backbone, cfg.backbone, cfg.backbone_weights),
+            ray_settings=cfg.ray,
+            shards=args.out / SHARDS,
         )
         n_images = candidates["image_id"].nunique()
         for region_ids, vectors in tqdm(per_image, total=n_images, desc="features", unit="image"):

@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> None:
         # in the original checkout even when DVC runs a queued experiment in a temporary copy
         cache=io.ProposalCache(repo_root() / params.paths.proposals),
         progress=partial(tqdm, desc=name, unit="image"),
+        engine=params.pair.engine,
+        ray_settings=params.pair.ray,
     )
     paired = pair_dataset(
         **parsed, candidates=candidates.candidates_table(regions, name), pos_iou=params.pair.pos_iou

@@ -20,10 +20,11 @@ image id    split  has file  quirks
 from __future__ import annotations
 
 import io
+import os
 import struct
 import zipfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -355,3 +356,26 @@ def write_dataset(
 def tiny_parsed() -> ParsedDataset:
     """The tiny dataset parsed (do not modify its tables: copy them)."""
     return parse_dataset(tiny_annotation_files(), tiny_split_lists(), tiny_image_files())
+
+
+# --- one local Ray for the tests of the ray engines ------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def local_ray() -> Iterator[None]:
+    """A local Ray of 2 workers for the whole test run (it takes seconds to start); the
+    engines' ``connect`` finds it running. Skipped when Ray is not installed."""
+    ray = pytest.importorskip("ray")
+    address = os.environ.pop("RAY_ADDRESS", None)
+    # the workers import the stand-ins (tests/) and this checkout's package (src/)
+    paths = [str(REPO_ROOT / "tests"), str(REPO_ROOT / "src"), os.environ.get("PYTHONPATH", "")]
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, paths))}},
+    )
+    yield
+    ray.shutdown()
+    if address is not None:
+        os.environ["RAY_ADDRESS"] = address

@@ -86,12 +86,27 @@ class ParseParams:
 
 
 @dataclass(frozen=True)
+class PairRayParams:
+    """How the pair stage's proposals run with ``engine: ray``: ``concurrency`` Ray tasks at
+    once."""
+
+    concurrency: int
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1:
+            raise ValueError(f"ray.concurrency must be >= 1, got {self.concurrency}")
+
+
+@dataclass(frozen=True)
 class PairParams:
     """``candidates``: a generator of :data:`grounding.candidates.GENERATORS` (checked by the
-    registry when the pair stage asks it for the generator)."""
+    registry when the pair stage asks it for the generator); ``engine``: where proposals are
+    computed, a key of :data:`grounding.candidates.engines.ENGINES` (``local`` or ``ray``)."""
 
     candidates: str
     pos_iou: float
+    engine: str
+    ray: PairRayParams
 
 
 @dataclass(frozen=True)
@@ -127,10 +142,26 @@ class SplitParams:
 
 
 @dataclass(frozen=True)
+class FeaturesRayParams:
+    """How the features stage runs with ``engine: ray``: ``concurrency`` backbone actors, each
+    holding ``num_gpus`` GPUs (0: CPU only)."""
+
+    concurrency: int
+    num_gpus: float
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1:
+            raise ValueError(f"ray.concurrency must be >= 1, got {self.concurrency}")
+        if self.num_gpus < 0:
+            raise ValueError(f"ray.num_gpus must be >= 0, got {self.num_gpus}")
+
+
+@dataclass(frozen=True)
 class FeaturesParams:
     """``backbone``: a packaged backbone name, or a torchvision architecture whose local
     checkpoint is ``backbone_weights``; ``text_encoder``: the packaged encoder's name or a
-    local Hugging Face model folder."""
+    local Hugging Face model folder; ``engine``: where the backbone runs, a key of
+    :data:`grounding.modeling.engines.ENGINES` (``local`` or ``ray``)."""
 
     backbone: str
     backbone_weights: Path | None
@@ -139,6 +170,8 @@ class FeaturesParams:
     context: bool
     batch_size: int
     text_batch_size: int
+    engine: str
+    ray: FeaturesRayParams
 
 
 @dataclass(frozen=True)

@@ -272,6 +272,8 @@ BAD_SETTINGS = {
     [
         ({"data": {"format": "coco"}}, "parse", "unknown dataset format 'coco'"),
         ({"pair": {"candidates": "proposals"}}, "pair", "unknown candidate generator 'proposals'"),
+        ({"pair": {"engine": "spark"}}, "pair", "pair.engine: unknown engine 'spark'"),
+        ({"features": {"engine": "spark"}}, "features", "features.engine: unknown engine 'spark'"),
         (
             {
                 "pair": {"candidates": "selective_search"},
@@ -282,7 +284,7 @@ BAD_SETTINGS = {
         ),
         ({"features": {"backbone": "resnet-9000"}}, "features", "features: unknown backbone"),
     ],
-    ids=["format", "generator", "settings", "backbone"],
+    ids=["format", "generator", "pair-engine", "features-engine", "settings", "backbone"],
 )
 def test_an_unknown_name_or_bad_setting_exits_with_status_1_before_writing(
     work: Path,
@@ -490,3 +492,27 @@ def test_features_on_a_full_device_is_one_line_and_leaves_no_temp_file(
         error,
     ), error
     assert list((tmp_path / "data" / "features").iterdir()) == []
+@pytest.mark.slow
+def test_the_ray_engine_writes_local_s_features_folder_byte_for_byte(
+    work: Path, tmp_path: Path, local_ray: None
+) -> None:
+    from stages import features as features_stage
+
+    folders = {}
+    for engine in ("local", "ray"):
+        run_dir = tmp_path / engine
+        run_dir.mkdir()
+        # 2 images a batch: the tiny dataset's 4 images make 2 blocks, one for each actor
+        write_params(run_dir / "params.yaml", work / "dataset",
+                     features={"engine": engine, "batch_size": 2, "image_size": 224})  # fmt: skip
+        arguments = features_argv(run_dir)
+        for option, folder in (("--parsed", "parsed"), ("--pairs", "pairs")):
+            arguments[arguments.index(option) + 1] = str(work / "data" / folder)
+        with contextlib.chdir(run_dir):
+            features_stage.main(arguments)
+        folders[engine] = run_dir / "data" / "features"
+    names = sorted(p.name for p in folders["local"].iterdir())
+    assert names == sorted(p.name for p in folders["ray"].iterdir())  # no shards left
+    assert "regions.npy" in names
+    for name in names:
+        assert (folders["ray"] / name).read_bytes() == (folders["local"] / name).read_bytes(), name

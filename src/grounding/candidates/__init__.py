@@ -21,6 +21,8 @@ from PIL import Image
 from grounding.boxes import BOX_COLUMNS
 from grounding.candidates import selective_search
 from grounding.candidates.annotated import annotated_regions
+from grounding.candidates.engines import proposal_engine
+from grounding.config import PairRayParams
 from grounding.errors import ConfigError
 from grounding.io.proposal_cache import ProposalCache
 from grounding.schemas import CANDIDATES
@@ -97,18 +99,24 @@ def candidate_regions(
     *,
     cache: ProposalCache | None = None,
     progress: Callable[[Iterable[str]], Iterable[str]] = iter,
+    engine: str = "local",
+    ray_settings: PairRayParams | None = None,
 ) -> dict[str, np.ndarray]:
     """The candidate boxes ``{image_id: boxes (N, 4)}`` of every image in ``images`` (its
     ``image_id`` column) by generator ``name``: the image's distinct annotated ``boxes``, or the
-    boxes proposed from its pixels (``load_image(image_id)``; cached when ``cache`` is given).
-    ``progress`` wraps the loop over images (a progress bar)."""
+    boxes proposed from its pixels (``load_image(image_id)``; cached when ``cache`` is given)
+    by ``engine`` (:data:`grounding.candidates.engines.ENGINES`: ``local``, or ``ray`` with
+    ``ray_settings``). ``progress`` wraps the loop over images (a progress bar)."""
+    run_engine = proposal_engine(engine)  # checked even when annotations need no engine
     if generator(name).propose is None:
         return annotated_regions(boxes[boxes["image_id"].isin(set(images["image_id"]))])
-    propose = proposer(name, settings, cache)
-    return {
-        image_id: propose(load_image(image_id))
-        for image_id in progress(images["image_id"].tolist())
-    }
+    return run_engine(
+        proposer(name, settings, cache),
+        images["image_id"].tolist(),
+        load_image,
+        progress=progress,
+        ray_settings=ray_settings,
+    )
 
 
 def candidates_table(regions: Mapping[str, np.ndarray], source: str) -> pd.DataFrame:
