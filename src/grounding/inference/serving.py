@@ -6,6 +6,9 @@ Output: one row per phrase and box: ``row`` (the input row), ``phrase``, ``rank`
 ``x1, y1, x2, y2`` (image pixels), ``score``, ``above_threshold`` and ``reason`` (why a phrase
 has no box). Param ``top_k`` (default 1): boxes per phrase.
 
+The model runs on the device that the environment variable ``GROUNDING_DEVICE`` names
+(``auto``, the default: a GPU if torch sees one; ``cpu``; ``cuda``; ``cuda:N``).
+
 Bad input (not base64, not an image, an empty phrase, a missing column) raises an
 ``MlflowException`` with ``INVALID_PARAMETER_VALUE``: ``mlflow models serve`` answers it with
 HTTP 400 and the message, never 500.
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import os
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +34,8 @@ from grounding.errors import DataError
 from grounding.inference.grounder import Grounder
 from grounding.io.images import decode_image as decode_image_bytes
 
+#: The environment variable naming the device a served model runs on (default ``auto``).
+DEVICE_VARIABLE = "GROUNDING_DEVICE"
 INPUT_COLUMNS = ("image", "phrase")
 OUTPUT_COLUMNS = (
     "row",
@@ -120,8 +126,11 @@ class GrounderModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context: Any) -> None:
         from grounding.io.weights import read_weights
+        from grounding.modeling.device import resolve_device
 
-        self.grounder = Grounder.from_weights(*read_weights(Path(context.artifacts["grounder"])))
+        device = resolve_device(os.environ.get(DEVICE_VARIABLE, "auto"), DEVICE_VARIABLE)
+        weights = read_weights(Path(context.artifacts["grounder"]))
+        self.grounder = Grounder.from_weights(*weights).to(device)
 
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
