@@ -299,7 +299,7 @@ def compare_backbones(args: argparse.Namespace) -> dict[str, Any]:
     params.yaml) on each backbone, image size and set of inputs."""
     params = load_params(REPO / "params.yaml")
     train_params = asdict(params.train)
-    torch.set_num_threads(resolve_threads(params.runtime.threads))
+    torch.set_num_threads(resolve_threads(params.runtime.threads, small_tensors=True))
     if args.epochs is not None:
         train_params["epochs"] = args.epochs
     seed0 = train_params.pop("seed")

@@ -93,6 +93,7 @@ def run_on(device_spec: str, work: Path, epochs: int | None) -> dict[str, Any]:
     settings = asdict(params.train)
     if epochs is not None:
         settings["epochs"] = epochs
+    torch.set_num_threads(resolve_threads(params.runtime.threads, small_tensors=True))
     start = time.perf_counter()
     result = train_head(features, split["train"], split["val"], **settings, device=device)
     train_s = time.perf_counter() - start

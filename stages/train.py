@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     all_params = load_params(args.params)
     params = all_params.train
-    device = use_runtime(all_params.runtime)
+    device = use_runtime(all_params.runtime, small_tensors=True)
     *arrays, meta = io.read_features(args.features)
     features = PairFeatures.from_arrays(*arrays)
     pairs = {name: io.read_table(args.split / f"{name}.parquet") for name in ("train", "val")}

@@ -93,6 +93,8 @@ def test_runtime_params_check_device_and_threads() -> None:
 
 def test_threads_auto_is_the_cpus_this_process_may_use() -> None:
     assert resolve_threads("auto") == available_cpus()
+    assert resolve_threads("auto", small_tensors=True) == 1
+    assert resolve_threads(2, small_tensors=True) == 2
     assert 1 <= available_cpus() <= (os.cpu_count() or 1)
     assert resolve_threads(3) == 3
     for bad in (0, -1, True, "four"):

@@ -89,21 +89,24 @@ def _cgroup_cpu_quota(path: Path) -> int | None:
     return max(1, -(-int(quota) // int(period)))
 
 
-def resolve_threads(spec: int | str) -> int:
-    """Torch's CPU threads for ``runtime.threads``: ``auto`` -> :func:`available_cpus`, else
-    the number given (>= 1)."""
+def resolve_threads(spec: int | str, *, small_tensors: bool = False) -> int:
+    """Torch's CPU threads for ``runtime.threads``: the number given (>= 1), or for ``auto``
+    :func:`available_cpus`, but 1 for work on ``small_tensors`` (training the head: its
+    matrices are a few hundred wide, and a second thread costs more in waiting than it saves;
+    README "GPU" has the measurement)."""
     if spec == "auto":
-        return available_cpus()
+        return 1 if small_tensors else available_cpus()
     if isinstance(spec, bool) or not isinstance(spec, int) or spec < 1:
         raise ConfigError(f"threads {spec!r}: expected auto or an integer >= 1")
     return spec
 
 
-def use_runtime(runtime: RuntimeParams) -> torch.device:
-    """Set torch's CPU threads and return the resolved device (what a stage calls first)."""
+def use_runtime(runtime: RuntimeParams, *, small_tensors: bool = False) -> torch.device:
+    """Set torch's CPU threads (:func:`resolve_threads`) and return the resolved device (what
+    a stage calls first)."""
     import torch
 
-    torch.set_num_threads(resolve_threads(runtime.threads))
+    torch.set_num_threads(resolve_threads(runtime.threads, small_tensors=small_tensors))
     return resolve_device(runtime.device)
 
 
