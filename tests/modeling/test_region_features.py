@@ -326,3 +326,27 @@ def test_a_loader_worker_reports_a_bad_image_in_one_line(pooling: Backbone) -> N
     )
     with pytest.raises(DataError, match=r"^image a: the file is 32x64 pixels but its annotation"):
         next(features)
+
+
+def test_features_under_mixed_precision_come_back_as_float32(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The GPU's path on the CPU: the trunk under bfloat16 autocast (as on CUDA), RoIAlign and
+    the rows returned in float32, close to the float32 run."""
+    import torch
+
+    from grounding.modeling import device
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        trunk = torch.nn.Conv2d(3, 4, kernel_size=8, stride=8).eval()
+    conv = Backbone("conv", trunk, 8, 4, IMAGENET_MEAN, IMAGENET_STD)
+    items = [(quadrants(128, 64), np.array([[0, 0, 64, 32], [10, 5, 120, 60]], np.float32))]
+    [full] = extract_region_features(conv, items, image_size=64)
+    monkeypatch.setattr(
+        device, "autocast", lambda _: torch.autocast(device_type="cpu", dtype=torch.bfloat16)
+    )
+    [mixed] = extract_region_features(conv, items, image_size=64)
+    assert mixed.dtype == np.float32 and mixed.shape == (2, 4)
+    assert not np.array_equal(mixed, full)  # it did run in bfloat16
+    np.testing.assert_allclose(mixed, full, rtol=0.05, atol=0.05)
