@@ -44,6 +44,7 @@ from grounding.config import load_params
 from grounding.data.formats.flickr30k import Flickr30kReader
 from grounding.evaluation.metrics import IOU_THRESHOLD, phrase_ranks, recall_at_k
 from grounding.modeling.backbones import BACKBONES, Backbone, load_backbone
+from grounding.modeling.device import resolve_threads
 from grounding.modeling.region_features import candidate_features, extract_region_features
 from grounding.modeling.scoring import PairFeatures, score_pairs
 from grounding.modeling.text import distinct_phrases, encode_phrases, load_text_encoder
@@ -296,8 +297,9 @@ def baselines(pairs: pd.DataFrame, candidates: pd.DataFrame) -> dict[str, float]
 def compare_backbones(args: argparse.Namespace) -> dict[str, Any]:
     """Recall@1 on the test phrases of the pipeline's own head and training (``train:`` of
     params.yaml) on each backbone, image size and set of inputs."""
-    train_params = asdict(load_params(REPO / "params.yaml").train)
-    torch.set_num_threads(train_params.pop("threads"))
+    params = load_params(REPO / "params.yaml")
+    train_params = asdict(params.train)
+    torch.set_num_threads(resolve_threads(params.runtime.threads, small_tensors=True))
     if args.epochs is not None:
         train_params["epochs"] = args.epochs
     seed0 = train_params.pop("seed")

@@ -12,7 +12,8 @@ from grounding import io, validation
 from grounding.config import load_params
 from grounding.errors import ConfigError, run
 from grounding.modeling.backbones import load_backbone
-from grounding.modeling.engines import SHARDS, feature_engine
+from grounding.modeling.device import gpu_memory_hint, loader_workers, resolve_threads, use_runtime
+from grounding.modeling.engines import SHARDS, feature_engine, ray_device
 from grounding.modeling.region_features import region_dim
 from grounding.modeling.text import distinct_phrases, encode_phrases, load_text_encoder
 from grounding.schemas import FeaturesMeta
@@ -33,18 +34,20 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params(args.params)
     cfg = params.features
     engine = feature_engine(cfg.engine)
+    device = use_runtime(params.runtime)
     candidates = io.read_table(args.pairs / "candidates.parquet")
     phrases = io.read_table(args.pairs / "phrases.parquet")
     images = io.read_table(args.parsed / "images.parquet")
     try:
-        backbone = load_backbone(cfg.backbone, cfg.backbone_weights)
-        encoder = load_text_encoder(cfg.text_encoder)
+        backbone = load_backbone(cfg.backbone, cfg.backbone_weights, device=device)
+        encoder = load_text_encoder(cfg.text_encoder, device=device)
     except ValueError as error:  # an unknown model name or a weights file that does not fit
         raise ConfigError(f"features: {error}") from None
     texts, phrase_rows = distinct_phrases(phrases)
 
     shape = (len(candidates), region_dim(backbone, context=cfg.context))
-    with io.region_features_writer(args.out, shape) as regions:
+    advice = f"lower features.batch_size (now {cfg.batch_size}) or set runtime.device: cpu"
+    with io.region_features_writer(args.out, shape) as regions, gpu_memory_hint(device, advice):
         per_image = engine(
             backbone,
             candidates,
@@ -53,14 +56,19 @@ def main(argv: list[str] | None = None) -> None:
             image_size=cfg.image_size,
             batch_size=cfg.batch_size,
             context=cfg.context,
-            load_backbone=partial(load_backbone, cfg.backbone, cfg.backbone_weights),
+            workers=loader_workers(device, resolve_threads(params.runtime.threads)),
+            load_backbone=partial(
+                load_backbone, cfg.backbone, cfg.backbone_weights, device=ray_device(cfg.ray)
+            ),
             ray_settings=cfg.ray,
             shards=args.out / SHARDS,
         )
         n_images = candidates["image_id"].nunique()
         for region_ids, vectors in tqdm(per_image, total=n_images, desc="features", unit="image"):
             regions[region_ids] = vectors
-        embeddings = encode_phrases(encoder, texts, batch_size=cfg.text_batch_size)
+        text_advice = f"lower features.text_batch_size (now {cfg.text_batch_size})"
+        with gpu_memory_hint(device, text_advice):
+            embeddings = encode_phrases(encoder, texts, batch_size=cfg.text_batch_size)
         checks = validation.check_features(regions, embeddings, phrase_rows, candidates, phrases)
     meta = FeaturesMeta(
         backbone=cfg.backbone,

@@ -12,6 +12,7 @@ from grounding.config import flatten, load_params, repo_root
 from grounding.errors import run
 from grounding.evaluation import plots, report
 from grounding.evaluation.metrics import merged_iou
+from grounding.modeling.device import use_runtime
 from grounding.modeling.scoring import TrainedHead
 from grounding.schemas import SPLITS
 
@@ -45,7 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     params = load_params(args.params)
-    trained = TrainedHead.from_weights(*io.read_weights(args.model))
+    device = use_runtime(params.runtime)
+    trained = TrainedHead.from_weights(*io.read_weights(args.model)).to(device)
     pairs = io.read_table(args.split / "test.parquet")
     tables = io.read_tables(args.pairs, ("candidates", "phrases", "ground_truth"))
     images = io.read_table(args.parsed / "images.parquet")

@@ -13,6 +13,7 @@ from grounding.errors import run
 from grounding.evaluation import plots
 from grounding.evaluation.metrics import best_threshold, pair_scores, thin, threshold_sweep
 from grounding.inference.grounder import grounder_weights
+from grounding.modeling.device import use_runtime
 from grounding.modeling.scoring import TrainedHead
 
 PLOT_POINTS = 400
@@ -36,7 +37,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     params = load_params(args.params)
-    trained = TrainedHead.from_weights(*io.read_weights(args.model))
+    device = use_runtime(params.runtime)
+    trained = TrainedHead.from_weights(*io.read_weights(args.model)).to(device)
     pairs = io.read_table(args.split / "val.parquet")
     scores = trained.score(io.read_features(args.features), pairs)
     sweep = threshold_sweep(pairs["label"].to_numpy(), scores)

@@ -6,13 +6,13 @@ import argparse
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from grounding import io
 from grounding.config import load_params
 from grounding.errors import run
 from grounding.evaluation import plots
+from grounding.modeling.device import gpu_memory_hint, use_runtime
 from grounding.modeling.scoring import PairFeatures, TrainedHead
 from grounding.modeling.train import train_head
 
@@ -31,19 +31,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    params = load_params(args.params).train
+    all_params = load_params(args.params)
+    params = all_params.train
+    device = use_runtime(all_params.runtime, small_tensors=True)
     *arrays, meta = io.read_features(args.features)
     features = PairFeatures.from_arrays(*arrays)
     pairs = {name: io.read_table(args.split / f"{name}.parquet") for name in ("train", "val")}
-    settings = asdict(params)
-    torch.set_num_threads(settings.pop("threads"))
-    with tqdm(total=params.epochs, desc="train", unit="epoch") as bar:
+    advice = f"lower train.batch_size (now {params.batch_size}) or set runtime.device: cpu"
+    with (
+        tqdm(total=params.epochs, desc="train", unit="epoch") as bar,
+        gpu_memory_hint(device, advice),
+    ):
 
         def show(row: dict[str, float]) -> None:
             bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_r1=f"{row['val_recall_at_1']:.3f}")
             bar.update()
 
-        result = train_head(features, pairs["train"], pairs["val"], **settings, on_epoch=show)
+        result = train_head(
+            features, pairs["train"], pairs["val"], **asdict(params), on_epoch=show, device=device
+        )
     io.write_weights(*TrainedHead(result.model, meta).to_weights(), args.model)
     io.write_csv(result.history, args.history)
     io.write_json(result.history.iloc[-1].to_dict(), args.summary)

@@ -131,7 +131,9 @@ def install(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(backbones.BACKBONES, POOLING, lambda weights: pooling_backbone())
     real = text.load_text_encoder
     monkeypatch.setattr(
-        text, "load_text_encoder", lambda name: word_encoder() if name == WORDS else real(name)
+        text,
+        "load_text_encoder",
+        lambda name, **options: word_encoder() if name == WORDS else real(name, **options),
     )
 
 

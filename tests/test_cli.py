@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import stand_ins
+import torch
 from conftest import jpeg_bytes
 from PIL import Image
 
@@ -202,12 +203,56 @@ def test_the_default_model_is_the_grounder_weights_file(
     assert "models/grounder.safetensors: no model here" in capsys.readouterr().err
 
 
+def test_predict_on_the_cpu_is_the_default_on_a_machine_without_a_gpu(
+    model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    image = tmp_path / "shapes.png"
+    stand_ins.two_shapes().save(image)
+    argv = ["predict", str(image), "--model", str(model), "--phrase", "a red box", "--no-cache"]
+    found = []
+    for device in ([], ["--device", "cpu"]):
+        cli_main([*argv, *device])
+        found.append(json.loads(capsys.readouterr().out)["phrases"])
+    assert found[0] == found[1] and found[0][0]["boxes"]
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("cuda", "error: --device cuda: CUDA is not available on this machine"),
+        ("cuda:1", "error: --device cuda:1: CUDA is not available on this machine"),
+        ("gpu", "error: --device: 'gpu' is not one of auto, cpu, cuda, cuda:N"),
+    ],
+)
+def test_predict_on_a_device_this_machine_lacks_is_one_line(
+    device: str,
+    message: str,
+    model: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    image = tmp_path / "shapes.png"
+    stand_ins.two_shapes().save(image)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(
+            ["predict", str(image), "--model", str(model), "--phrase", "a", "--device", device]
+        )
+    assert exit_info.value.code == 1
+    error = capsys.readouterr().err
+    assert error.startswith(message) and error.count("\n") == 1, error
+
+
 def test_a_phrases_file_with_a_byte_order_mark_and_any_line_ends(tmp_path: Path) -> None:
     from grounding.cli import _read_phrases
 
     phrases = tmp_path / "phrases.txt"
     phrases.write_bytes(b"\xef\xbb\xbfa red box\r\ra blue box\r\nthe grey background\n")
     assert _read_phrases(phrases) == ["a red box", "a blue box", "the grey background"]
+
+
 # --- the checks that come before any model is loaded or any phrase grounded ------------------
 
 

@@ -37,6 +37,7 @@ def _sample(args: argparse.Namespace) -> None:
 
 def _predict(args: argparse.Namespace) -> None:
     from grounding.inference.grounder import check_phrases, phrases_from_caption
+    from grounding.modeling.device import gpu_memory_hint, resolve_device
 
     phrases = list(args.phrase)
     for caption in args.caption:
@@ -51,11 +52,13 @@ def _predict(args: argparse.Namespace) -> None:
     if not args.no_cache:
         io.check_writable_folder(args.cache, "--cache")
     image = io.read_image(args.image)  # before the model: a bad image fails fast
+    device = resolve_device(args.device, "--device")
     started = time.perf_counter()
-    grounder = load_grounder(args.model)
+    grounder = load_grounder(args.model).to(device)
     loaded = time.perf_counter()
     proposals = grounder.proposer(None if args.no_cache else io.ProposalCache(args.cache))
-    found = grounder.ground(image, phrases, top_k=args.top_k, proposals=proposals)
+    with gpu_memory_hint(device, "shrink the image or pass --device cpu"):
+        found = grounder.ground(image, phrases, top_k=args.top_k, proposals=proposals)
     done = time.perf_counter()
     result = {
         "image": str(args.image),
@@ -256,6 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder of cached candidate boxes (default %(default)s)",
     )
     predict.add_argument("--no-cache", action="store_true", help="always compute the boxes")
+    predict.add_argument(
+        "--device",
+        default="auto",
+        help="auto (a GPU if torch sees one), cpu, cuda or cuda:N (default %(default)s)",
+    )
     predict.set_defaults(handler=_predict)
 
     convert = commands.add_parser(

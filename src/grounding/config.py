@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -189,7 +190,34 @@ class TrainParams:
     hidden: int
     dropout: float
     seed: int
-    threads: int
+
+
+#: What a device setting (``runtime.device``, ``grounding predict --device``) accepts.
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def check_device_spec(spec: str, where: str = "runtime.device") -> str:
+    """``spec`` if it is ``auto``, ``cpu``, ``cuda`` or ``cuda:N``; else :class:`ConfigError`
+    naming ``where`` (the setting). Whether the machine has that device is checked when a
+    stage resolves it (:func:`grounding.modeling.device.resolve_device`)."""
+    if not isinstance(spec, str) or not DEVICE_PATTERN.fullmatch(spec):
+        raise ConfigError(f"{where}: {spec!r} is not one of auto, cpu, cuda, cuda:N")
+    return spec
+
+
+@dataclass(frozen=True)
+class RuntimeParams:
+    """Where the stages that compute (features, train, sweep, report) run: ``device`` is
+    ``auto`` (a GPU if torch sees one), ``cpu``, ``cuda`` or ``cuda:N``; ``threads`` is torch's
+    CPU threads, ``auto`` for the CPUs this process may use."""
+
+    device: str
+    threads: int | Literal["auto"]
+
+    def __post_init__(self) -> None:
+        check_device_spec(self.device)
+        if self.threads != "auto" and self.threads < 1:
+            raise ConfigError(f"runtime.threads: expected auto or >= 1, got {self.threads}")
 
 
 @dataclass(frozen=True)
@@ -209,6 +237,7 @@ class Params:
     features: FeaturesParams
     train: TrainParams
     report: ReportParams
+    runtime: RuntimeParams
 
 
 def _cast(value: Any, annotation: Any, key: str) -> Any:

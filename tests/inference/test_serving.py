@@ -20,13 +20,15 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 import stand_ins
+import torch
 from conftest import jpeg_bytes, png_header
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
-from grounding.errors import DataError
+from grounding.errors import ConfigError, DataError
 from grounding.inference.grounder import Found, Grounding, grounder_weights
 from grounding.inference.serving import (
+    DEVICE_VARIABLE,
     OUTPUT_COLUMNS,
     SIGNATURE,
     GrounderModel,
@@ -182,9 +184,8 @@ def test_the_signature_matches_the_table() -> None:
 # --- the pyfunc model --------------------------------------------------------------------
 
 
-@pytest.fixture
-def model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> GrounderModel:
-    """The pyfunc model loaded from a grounder weights file of the stand-in models."""
+def grounder_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A grounder weights file of the stand-in models (made loadable by name)."""
     stand_ins.install(monkeypatch)
     path = tmp_path / "grounder.safetensors"
     write_weights(
@@ -196,9 +197,29 @@ def model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> GrounderModel:
         ),
         path,
     )
+    return path
+
+
+@pytest.fixture
+def model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> GrounderModel:
+    """The pyfunc model loaded from a grounder weights file of the stand-in models."""
     model = GrounderModel()
-    model.load_context(SimpleNamespace(artifacts={"grounder": str(path)}))
+    model.load_context(
+        SimpleNamespace(artifacts={"grounder": str(grounder_file(tmp_path, monkeypatch))})
+    )
     return model
+
+
+def test_the_served_model_runs_on_the_device_the_environment_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    context = SimpleNamespace(artifacts={"grounder": str(grounder_file(tmp_path, monkeypatch))})
+    monkeypatch.setenv(DEVICE_VARIABLE, "cpu")
+    GrounderModel().load_context(context)
+    monkeypatch.setenv(DEVICE_VARIABLE, "cuda")
+    with pytest.raises(ConfigError, match="GROUNDING_DEVICE cuda: CUDA is not available"):
+        GrounderModel().load_context(context)
 
 
 def test_the_model_grounds_the_table_with_the_grounder_file(model: GrounderModel) -> None:

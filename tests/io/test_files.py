@@ -302,6 +302,8 @@ def test_region_features_on_a_real_full_device_are_an_error_not_sigbus(tiny_tmpf
         "(needs ~5.1 MB, 1.0 MB free)"
     )
     assert list((tiny_tmpfs / "features").iterdir()) == []
+
+
 def test_writable_checks_create_nothing_and_name_the_option(tmp_path: Path) -> None:
     io.check_writable_file(tmp_path / "new" / "deeper" / "boxes.png", "--out")
     io.check_writable_folder(tmp_path / "cache" / "proposals", "--cache")

@@ -289,3 +289,84 @@ def test_packaged_backbone_features_follow_box_order(packaged: Backbone) -> None
     order = rng.permutation(len(boxes))
     permuted = region_features(packaged, image, boxes[order], image_size=160)
     np.testing.assert_array_equal(permuted, features[order])
+
+
+def test_loader_workers_give_the_same_features_as_this_process(pooling: Backbone) -> None:
+    """The path that feeds a GPU (images read by loader processes), on the CPU: the same
+    numbers, in the same order."""
+    pictures = {"b": quadrants(256, 128), "a": quadrants(128, 256), "c": quadrants(64, 64)}
+    candidates = pd.DataFrame(
+        {
+            "region_id": [0, 1, 2, 3, 4],
+            "image_id": ["b", "a", "b", "a", "c"],
+            "x1": [0.0, 10.0, 128.0, 0.0, 5.0],
+            "y1": [0.0, 20.0, 0.0, 0.0, 5.0],
+            "x2": [128.0, 60.0, 256.0, 128.0, 40.0],
+            "y2": [64.0, 200.0, 64.0, 256.0, 60.0],
+        }
+    )
+    images = pd.DataFrame(
+        {"image_id": ["a", "b", "c"], "width": [128, 256, 64], "height": [256, 128, 64]}
+    )
+
+    def features(workers: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        return list(
+            candidate_features(
+                pooling,
+                candidates,
+                images,
+                pictures.__getitem__,
+                image_size=128,
+                batch_size=2,
+                context=True,
+                workers=workers,
+            )
+        )
+
+    here, loaded = features(0), features(2)
+    assert [ids.tolist() for ids, _ in loaded] == [[1, 3], [0, 2], [4]]
+    for (ids, vectors), (ids_loaded, vectors_loaded) in zip(here, loaded, strict=True):
+        np.testing.assert_array_equal(ids, ids_loaded)
+        np.testing.assert_array_equal(vectors, vectors_loaded)
+
+
+def test_a_loader_worker_reports_a_bad_image_in_one_line(pooling: Backbone) -> None:
+    candidates = pd.DataFrame(
+        {"region_id": [0], "image_id": ["a"], "x1": [0.0], "y1": [0.0], "x2": [8.0], "y2": [8.0]}
+    )
+    images = pd.DataFrame({"image_id": ["a"], "width": [64], "height": [32]})
+    features = candidate_features(
+        pooling,
+        candidates,
+        images,
+        lambda _: quadrants(32, 64),
+        image_size=64,
+        batch_size=1,
+        workers=1,
+    )
+    with pytest.raises(DataError, match=r"^image a: the file is 32x64 pixels but its annotation"):
+        next(features)
+
+
+def test_features_under_mixed_precision_come_back_as_float32(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The GPU's path on the CPU: the trunk under bfloat16 autocast (as on CUDA), RoIAlign and
+    the rows returned in float32, close to the float32 run."""
+    import torch
+
+    from grounding.modeling import device
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        trunk = torch.nn.Conv2d(3, 4, kernel_size=8, stride=8).eval()
+    conv = Backbone("conv", trunk, 8, 4, IMAGENET_MEAN, IMAGENET_STD)
+    items = [(quadrants(128, 64), np.array([[0, 0, 64, 32], [10, 5, 120, 60]], np.float32))]
+    [full] = extract_region_features(conv, items, image_size=64)
+    monkeypatch.setattr(
+        device, "autocast", lambda _: torch.autocast(device_type="cpu", dtype=torch.bfloat16)
+    )
+    [mixed] = extract_region_features(conv, items, image_size=64)
+    assert mixed.dtype == np.float32 and mixed.shape == (2, 4)
+    assert not np.array_equal(mixed, full)  # it did run in bfloat16
+    np.testing.assert_allclose(mixed, full, rtol=0.05, atol=0.05)

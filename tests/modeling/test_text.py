@@ -4,6 +4,7 @@ encoder of word vectors; the packaged encoder in the slow tests."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -115,3 +116,39 @@ def test_phrase_embeddings_do_not_depend_on_the_batch(minilm: TextEncoder) -> No
     one_by_one = np.concatenate([encode_phrases(minilm, [t], batch_size=1) for t in texts])
     np.testing.assert_allclose(one_batch, one_by_one, atol=1e-5)
     assert encode_phrases(minilm, [], batch_size=8).shape == (0, 384)
+
+
+def test_embeddings_under_mixed_precision_are_float32_unit_vectors(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The GPU's path on the CPU: the encoder under bfloat16 autocast (as on CUDA), the
+    pooling and the embeddings in float32, close to the float32 run."""
+    import torch
+
+    from grounding.modeling import device
+
+    words = word_encoder()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        projection = torch.nn.Linear(3, 3)
+
+    class Projected(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.words, self.projection = words.model, projection
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> SimpleNamespace:
+            states = self.words(input_ids, attention_mask).last_hidden_state
+            return SimpleNamespace(last_hidden_state=self.projection(states))
+
+    encoder = TextEncoder("projected", words.tokenizer, Projected(), 3)
+    texts = sorted(WORD_VECTORS)
+    full = encode_phrases(encoder, texts)
+    monkeypatch.setattr(
+        device, "autocast", lambda _: torch.autocast(device_type="cpu", dtype=torch.bfloat16)
+    )
+    mixed = encode_phrases(encoder, texts)
+    assert mixed.dtype == np.float32
+    assert not np.array_equal(mixed, full)  # it did run in bfloat16
+    np.testing.assert_allclose(np.linalg.norm(mixed, axis=1), 1, atol=1e-6)
+    np.testing.assert_allclose(mixed, full, atol=0.03)

@@ -466,7 +466,7 @@ def test_features_on_a_full_device_is_one_line_and_leaves_no_temp_file(
     from stages import features as features_stage
 
     install(monkeypatch)
-    monkeypatch.setattr(features_stage, "load_text_encoder", lambda name: word_encoder())
+    monkeypatch.setattr(features_stage, "load_text_encoder", lambda name, **_: word_encoder())
 
     def posix_fallocate(fd: int, offset: int, length: int) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -492,6 +492,8 @@ def test_features_on_a_full_device_is_one_line_and_leaves_no_temp_file(
         error,
     ), error
     assert list((tmp_path / "data" / "features").iterdir()) == []
+
+
 @pytest.mark.slow
 def test_the_ray_engine_writes_local_s_features_folder_byte_for_byte(
     work: Path, tmp_path: Path, local_ray: None

@@ -157,6 +157,13 @@ class Grounder:
         except (ValueError, ConfigError) as error:  # a model or setting this install lacks
             raise DataError(f"the grounder cannot be rebuilt here: {error}") from None
 
+    def to(self, device: torch.device) -> Grounder:
+        """This grounder with backbone, text encoder and head moved to ``device``."""
+        self.backbone.trunk.to(device)
+        self.encoder.model.to(device)
+        self.trained.to(device)
+        return self
+
     def proposer(self, cache: Any = None) -> Propose:
         """``image -> boxes`` of this grounder's candidate generator (cached with ``cache``, a
         :class:`~grounding.io.ProposalCache`)."""

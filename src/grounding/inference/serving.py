@@ -6,6 +6,9 @@ Output: one row per phrase and box: ``row`` (the input row), ``phrase``, ``rank`
 ``x1, y1, x2, y2`` (image pixels), ``score``, ``above_threshold`` and ``reason`` (why a phrase
 has no box). Param ``top_k`` (default 1): boxes per phrase.
 
+The model runs on the device that the environment variable ``GROUNDING_DEVICE`` names
+(``auto``, the default: a GPU if torch sees one; ``cpu``; ``cuda``; ``cuda:N``).
+
 The image is base64 (line breaks, as GNU ``base64`` writes by default, are ignored), with or
 without a ``data:image/...;base64,`` prefix. Bad input (a null or non-string image or phrase,
 not base64, not an image, an empty phrase, a missing column, ``top_k`` not a whole number
@@ -21,6 +24,7 @@ import binascii
 import logging
 import math
 import numbers
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -40,6 +44,8 @@ from grounding.io.images import decode_image as decode_image_bytes
 
 _log = logging.getLogger(__name__)
 
+#: The environment variable naming the device a served model runs on (default ``auto``).
+DEVICE_VARIABLE = "GROUNDING_DEVICE"
 INPUT_COLUMNS = ("image", "phrase")
 #: ``data:image/png;base64,`` (any media type): the prefix of a data URL, dropped.
 _DATA_URL = re.compile(r"^data:[^,;]*(?:;[^,;]*)*;base64,", re.IGNORECASE)
@@ -181,8 +187,11 @@ class GrounderModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context: Any) -> None:
         from grounding.io.weights import read_weights
+        from grounding.modeling.device import resolve_device
 
-        self.grounder = Grounder.from_weights(*read_weights(Path(context.artifacts["grounder"])))
+        device = resolve_device(os.environ.get(DEVICE_VARIABLE, "auto"), DEVICE_VARIABLE)
+        weights = read_weights(Path(context.artifacts["grounder"]))
+        self.grounder = Grounder.from_weights(*weights).to(device)
 
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None

@@ -46,8 +46,11 @@ class Backbone:
     std: tuple[float, float, float]
 
 
-def load_backbone(name: str, weights: Path | None = None) -> Backbone:
-    """Load a backbone in eval mode (channels-last, the faster layout on CPU).
+def load_backbone(
+    name: str, weights: Path | None = None, *, device: torch.device | None = None
+) -> Backbone:
+    """Load a backbone in eval mode (channels-last, the faster layout on CPU), on ``device``
+    (default the CPU).
 
     ``name`` is a key of :data:`BACKBONES` (``weights`` defaults to the file in its package) or a
     torchvision classification architecture (``"resnet50"``, ``"mobilenet_v3_large"``, ...),
@@ -75,7 +78,7 @@ def load_backbone(name: str, weights: Path | None = None) -> Backbone:
             "weights) or a torchvision classification architecture with a weights file"
         )
     backbone.trunk.eval().requires_grad_(False)
-    backbone.trunk.to(memory_format=torch.channels_last)
+    backbone.trunk.to(device=device, memory_format=torch.channels_last)
     return backbone
 
 

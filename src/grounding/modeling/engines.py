@@ -40,6 +40,7 @@ from grounding.modeling.region_features import candidate_features
 
 if TYPE_CHECKING:
     import pandas as pd
+    import torch
     from ray.data import Dataset
 
 RegionFeatures = Iterator[tuple[np.ndarray, np.ndarray]]
@@ -58,6 +59,7 @@ class FeatureEngine(Protocol):
         image_size: int,
         batch_size: int,
         context: bool,
+        workers: int,
         load_backbone: Callable[[], Backbone],
         ray_settings: FeaturesRayParams,
         shards: Path,
@@ -73,9 +75,12 @@ def local_features(
     image_size: int,
     batch_size: int,
     context: bool,
+    workers: int = 0,
     **_: object,  # the ray engine's settings
 ) -> RegionFeatures:
-    """:func:`candidate_features` in this process, with the ``backbone`` already loaded."""
+    """:func:`candidate_features` in this process, with the ``backbone`` already loaded
+    (``workers`` loader processes read the images: see
+    :func:`grounding.modeling.device.loader_workers`)."""
     return candidate_features(
         backbone,
         candidates,
@@ -84,6 +89,7 @@ def local_features(
         image_size=image_size,
         batch_size=batch_size,
         context=context,
+        workers=workers,
     )
 
 
@@ -99,6 +105,7 @@ def ray_features(
     load_backbone: Callable[[], Backbone],
     ray_settings: FeaturesRayParams,
     shards: Path,
+    **_: object,  # the local engine's loader workers: each actor reads its own images
 ) -> RegionFeatures:
     """The features of :func:`local_features`, computed by ``ray_settings.concurrency`` Ray
     actors that each call ``load_backbone()`` once (``backbone`` itself is not shipped) and
@@ -270,6 +277,14 @@ class BackboneActor:
             counts,
         )
         return path
+
+
+def ray_device(ray_settings: FeaturesRayParams) -> torch.device:
+    """Where each actor runs the backbone: the GPU Ray gives it when ``num_gpus`` asks for
+    one (Ray sets the actor's ``CUDA_VISIBLE_DEVICES``), else the CPU."""
+    import torch
+
+    return torch.device("cuda" if ray_settings.num_gpus else "cpu")
 
 
 ENGINES: dict[str, FeatureEngine] = {"local": local_features, "ray": ray_features}

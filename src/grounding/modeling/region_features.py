@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from itertools import islice
 from typing import TYPE_CHECKING
 
@@ -57,71 +58,106 @@ def extract_region_features(
     Up to ``batch_size`` images are read ahead; those whose resized shapes agree go through
     the trunk together (the features do not depend on the batch, up to float rounding).
     Memory is bounded by the batch. One image at a time is as fast as batches on 2 CPU
-    cores at ``image_size >= 448`` (see ``benchmarks/features.py``).
+    cores at ``image_size >= 448`` (see ``benchmarks/features.py``). The trunk runs where its
+    weights are (:func:`~grounding.modeling.backbones.load_backbone`'s ``device``), in mixed
+    precision on a GPU (:func:`grounding.modeling.device.autocast`).
     """
+    _check_sizes(backbone, image_size, batch_size)
+    feed = _Feed.of(backbone, image_size)
+    prepared = (feed.prepare(image, boxes) for image, boxes in items)
+    yield from _batched_features(backbone, prepared, batch_size)
+
+
+def _check_sizes(backbone: Backbone, image_size: int, batch_size: int) -> None:
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if image_size < backbone.stride:
         raise ValueError(f"image_size must be >= the stride {backbone.stride}, got {image_size}")
-    iterator = iter(items)
+
+
+def _batched_features(
+    backbone: Backbone, prepared: Iterable[tuple[torch.Tensor, torch.Tensor]], batch_size: int
+) -> Iterator[np.ndarray]:
+    iterator = iter(prepared)
     while chunk := list(islice(iterator, batch_size)):
-        yield from _chunk_features(backbone, chunk, image_size)
+        yield from _chunk_features(backbone, chunk)
 
 
 def _chunk_features(
-    backbone: Backbone, chunk: list[tuple[Image.Image, np.ndarray]], image_size: int
+    backbone: Backbone, chunk: list[tuple[torch.Tensor, torch.Tensor]]
 ) -> list[np.ndarray]:
+    """The features of prepared images (``(3, H', W')`` inputs and their boxes ``(N_i, 4)``
+    in resized pixels), the images of one shape in one batch of the trunk."""
     import torch
     from torchvision.ops import roi_align
 
-    inputs = [_image_tensor(backbone, image, image_size) for image, _ in chunk]
-    rois = [
-        _scaled_boxes(boxes, scale) for (_, boxes), (_, scale) in zip(chunk, inputs, strict=True)
-    ]
+    from grounding.modeling.device import autocast, module_device
+
+    device = module_device(backbone.trunk)
     same_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
-    for index, (tensor, _) in enumerate(inputs):
+    for index, (tensor, _) in enumerate(chunk):
         same_shape[tuple(tensor.shape)].append(index)
     features: list[np.ndarray] = [np.empty(0)] * len(chunk)
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(device):
         for indices in same_shape.values():
-            batch = torch.stack([inputs[i][0] for i in indices])
+            batch = torch.stack([chunk[i][0] for i in indices])
+            if device.type == "cuda":  # pinned: the copy to the GPU overlaps the next batch
+                batch = batch.pin_memory()
+            batch = batch.to(device, non_blocking=True)
             maps = backbone.trunk(batch.contiguous(memory_format=torch.channels_last))
-            pooled = roi_align(
+            pooled = roi_align(  # float32 under autocast (torchvision casts its inputs)
                 maps,
-                [rois[i] for i in indices],
+                [chunk[i][1].to(device) for i in indices],
                 output_size=1,
                 spatial_scale=1 / backbone.stride,
                 # adaptive: about one sample per feature-map cell the box covers
                 sampling_ratio=0,
                 aligned=True,
             ).flatten(1)
-            counts = [len(rois[i]) for i in indices]
-            for i, rows in zip(indices, pooled.split(counts), strict=True):
+            counts = [len(chunk[i][1]) for i in indices]
+            for i, rows in zip(indices, pooled.float().cpu().split(counts), strict=True):
                 features[i] = rows.numpy().astype(np.float32, copy=True)
     return features
 
 
-def _image_tensor(
-    backbone: Backbone, image: Image.Image, image_size: int
-) -> tuple[torch.Tensor, tuple[float, float]]:
-    """The normalised, resized, padded image ``(3, H', W')`` and the scale ``(sx, sy)`` from
-    original to resized pixels."""
-    import torch
-    from torch.nn import functional as F
+@dataclass(frozen=True)
+class _Feed:
+    """How a backbone wants its images: the longer side, the stride to pad to, the
+    normalisation (no weights: cheap to copy into a loader worker)."""
 
-    width, height = image.size
-    factor = image_size / max(width, height)
-    new_width, new_height = max(1, round(width * factor)), max(1, round(height * factor))
-    resized = image.convert("RGB").resize((new_width, new_height), Image.Resampling.BILINEAR)
-    pixels = torch.from_numpy(np.array(resized, dtype=np.float32)).permute(2, 0, 1) / 255
-    mean = torch.tensor(backbone.mean).view(3, 1, 1)
-    std = torch.tensor(backbone.std).view(3, 1, 1)
-    normalised = (pixels - mean) / std
-    # Padding with 0 after normalising is padding with the mean colour.
-    pad_right = -new_width % backbone.stride
-    pad_bottom = -new_height % backbone.stride
-    padded = F.pad(normalised, (0, pad_right, 0, pad_bottom))
-    return padded, (new_width / width, new_height / height)
+    image_size: int
+    stride: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @classmethod
+    def of(cls, backbone: Backbone, image_size: int) -> _Feed:
+        return cls(image_size, backbone.stride, backbone.mean, backbone.std)
+
+    def prepare(self, image: Image.Image, boxes: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """The trunk's input ``(3, H', W')`` and ``boxes (N, 4)`` in its pixels ``(N, 4)``."""
+        tensor, scale = self.image_tensor(image)
+        return tensor, _scaled_boxes(boxes, scale)
+
+    def image_tensor(self, image: Image.Image) -> tuple[torch.Tensor, tuple[float, float]]:
+        """The normalised, resized, padded image ``(3, H', W')`` and the scale ``(sx, sy)``
+        from original to resized pixels."""
+        import torch
+        from torch.nn import functional as F
+
+        width, height = image.size
+        factor = self.image_size / max(width, height)
+        new_width, new_height = max(1, round(width * factor)), max(1, round(height * factor))
+        resized = image.convert("RGB").resize((new_width, new_height), Image.Resampling.BILINEAR)
+        pixels = torch.from_numpy(np.array(resized, dtype=np.float32)).permute(2, 0, 1) / 255
+        mean = torch.tensor(self.mean).view(3, 1, 1)
+        std = torch.tensor(self.std).view(3, 1, 1)
+        normalised = (pixels - mean) / std
+        # Padding with 0 after normalising is padding with the mean colour.
+        pad_right = -new_width % self.stride
+        pad_bottom = -new_height % self.stride
+        padded = F.pad(normalised, (0, pad_right, 0, pad_bottom))
+        return padded, (new_width / width, new_height / height)
 
 
 def _scaled_boxes(boxes: np.ndarray, scale: tuple[float, float]) -> torch.Tensor:
@@ -144,6 +180,7 @@ def candidate_features(
     image_size: int,
     batch_size: int,
     context: bool = False,
+    workers: int = 0,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """The features of every candidate region, one image at a time.
 
@@ -153,7 +190,10 @@ def candidate_features(
     the pooled visual features, then the box geometry relative to the image. With
     ``context``, the features of the whole image (the same for every region of an image)
     come between the two: ``(N_i, 2 * backbone.channels + len(GEOMETRY_COLUMNS))``.
+    ``workers`` processes read and resize the images (0: this process, as on the CPU;
+    :func:`grounding.modeling.device.loader_workers` says how many feed a GPU).
     """
+    _check_sizes(backbone, image_size, batch_size)
     sizes = images.set_index("image_id")[["width", "height"]]
     groups = [
         (image_id, group["region_id"].to_numpy(), group[BOX_COLUMNS].to_numpy(np.float32))
@@ -161,22 +201,62 @@ def candidate_features(
             "image_id", sort=True
         )
     ]
-
-    def load(image_id: str) -> Image.Image:
-        image = load_image(image_id)
-        expected = tuple(int(v) for v in sizes.loc[image_id])
-        disagreement = size_disagreement(image, expected)
-        if disagreement:
-            raise DataError(f"image {image_id}: {disagreement}")
-        return image
-
-    items = (
-        (load(image_id), _with_whole_image(boxes, tuple(sizes.loc[image_id])) if context else boxes)
-        for image_id, _, boxes in groups
+    images_of = _CandidateImages(
+        _Feed.of(backbone, image_size),
+        [(image_id, boxes) for image_id, _, boxes in groups],
+        {image_id: (int(w), int(h)) for image_id, (w, h) in sizes.iterrows()},
+        load_image,
+        context,
     )
-    visual = extract_region_features(backbone, items, image_size=image_size, batch_size=batch_size)
+    visual = _batched_features(backbone, _in_order(images_of, workers), batch_size)
     for (image_id, region_ids, boxes), vectors in zip(groups, visual, strict=True):
         yield region_ids, _assemble(vectors, boxes, tuple(sizes.loc[image_id]), context)
+
+
+@dataclass(frozen=True)
+class _CandidateImages:
+    """Item ``i``: the prepared input of image ``i`` of ``boxes`` (``image_id, boxes (N, 4)``)
+    and its boxes, with the whole image's box last with ``context`` (a map-style dataset of
+    a torch ``DataLoader``; a :class:`DataError` is returned, to be raised by the caller)."""
+
+    feed: _Feed
+    boxes: list[tuple[str, np.ndarray]]
+    sizes: dict[str, tuple[int, int]]
+    load_image: Callable[[str], Image.Image]
+    context: bool
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | DataError:
+        image_id, boxes = self.boxes[index]
+        expected = self.sizes[image_id]
+        try:
+            image = self.load_image(image_id)
+        except DataError as error:  # raised in a worker, it would reach the user as a traceback
+            return DataError(str(error))
+        disagreement = size_disagreement(image, expected)
+        if disagreement:
+            return DataError(f"image {image_id}: {disagreement}")
+        query = _with_whole_image(boxes, expected) if self.context else boxes
+        return self.feed.prepare(image, query)
+
+
+def _in_order(items: _CandidateImages, workers: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``items`` in order: read in this process with ``workers=0``, else by that many loader
+    processes (what keeps a GPU fed)."""
+    if workers == 0:
+        prepared: Iterable[tuple[torch.Tensor, torch.Tensor] | DataError] = (
+            items[i] for i in range(len(items))
+        )
+    else:
+        from torch.utils.data import DataLoader
+
+        prepared = DataLoader(items, batch_size=None, num_workers=workers)  # type: ignore[arg-type]
+    for item in prepared:
+        if isinstance(item, DataError):
+            raise item
+        yield item
 
 
 def image_features(

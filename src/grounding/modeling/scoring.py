@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 
 from grounding.errors import DataError
+from grounding.modeling.device import module_device
 from grounding.modeling.head import Head, head_config, head_from_weights
 from grounding.schemas import FeaturesMeta
 
@@ -42,13 +43,18 @@ def score_grid(head: Head, regions: np.ndarray, phrases: np.ndarray) -> np.ndarr
     """Match probabilities ``(P, N)`` of every phrase ``(P, phrase_dim)`` with every region
     ``(N, region_dim)``."""
     head.eval()
+    device = module_device(head)
     n_phrases, n_regions = len(phrases), len(regions)
-    region_index = torch.arange(n_regions).repeat(n_phrases)
-    phrase_index = torch.arange(n_phrases).repeat_interleave(n_regions)
+    region_index = torch.arange(n_regions, device=device).repeat(n_phrases)
+    phrase_index = torch.arange(n_phrases, device=device).repeat_interleave(n_regions)
     logits = pair_logits(
-        head, torch.from_numpy(regions), torch.from_numpy(phrases), region_index, phrase_index
+        head,
+        torch.from_numpy(regions).to(device),
+        torch.from_numpy(phrases).to(device),
+        region_index,
+        phrase_index,
     )
-    return torch.sigmoid(logits).reshape(n_phrases, n_regions).numpy()
+    return torch.sigmoid(logits).reshape(n_phrases, n_regions).cpu().numpy()
 
 
 @dataclass(frozen=True)
@@ -89,26 +95,28 @@ class PairFeatures:
         return region_rows.astype(np.int64), phrase_rows.astype(np.int64)
 
     def gather(
-        self, region_rows: np.ndarray, phrase_rows: np.ndarray
+        self, region_rows: np.ndarray, phrase_rows: np.ndarray, device: torch.device | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The features of the given rows as tensors ``(B, region_dim), (B, phrase_dim)``."""
+        """The features of the given rows as tensors ``(B, region_dim), (B, phrase_dim)`` (on
+        ``device``, default the CPU)."""
         return (
-            torch.from_numpy(np.ascontiguousarray(self.regions[region_rows])),
-            torch.from_numpy(np.ascontiguousarray(self.phrases[phrase_rows])),
+            torch.from_numpy(np.ascontiguousarray(self.regions[region_rows])).to(device),
+            torch.from_numpy(np.ascontiguousarray(self.phrases[phrase_rows])).to(device),
         )
 
     def logits(self, head: Head, region_rows: np.ndarray, phrase_rows: np.ndarray) -> torch.Tensor:
         """:func:`pair_logits` of the pairs of feature rows ``(B,), (B,)``, each distinct row
-        gathered and embedded once."""
+        gathered and embedded once (on the head's device)."""
+        device = module_device(head)
         regions, region_index = np.unique(region_rows, return_inverse=True)
         phrases, phrase_index = np.unique(phrase_rows, return_inverse=True)
-        region_features, phrase_features = self.gather(regions, phrases)
+        region_features, phrase_features = self.gather(regions, phrases, device)
         return pair_logits(
             head,
             region_features,
             phrase_features,
-            torch.from_numpy(region_index.reshape(-1)),
-            torch.from_numpy(phrase_index.reshape(-1)),
+            torch.from_numpy(region_index.reshape(-1)).to(device),
+            torch.from_numpy(phrase_index.reshape(-1)).to(device),
         )
 
     def chunks(
@@ -125,10 +133,11 @@ class PairFeatures:
 def score_pairs(
     head: Head, features: PairFeatures, pairs: pd.DataFrame, *, chunk_size: int = 4096
 ) -> np.ndarray:
-    """Probabilities ``(N,)`` that each pair matches (sigmoid of the head's logits)."""
+    """Probabilities ``(N,)`` that each pair matches (sigmoid of the head's logits), computed
+    where the head's weights are."""
     head.eval()
     scores = [
-        torch.sigmoid(features.logits(head, region_rows, phrase_rows)).numpy()
+        torch.sigmoid(features.logits(head, region_rows, phrase_rows)).cpu().numpy()
         for region_rows, phrase_rows in features.chunks(pairs, chunk_size)
     ]
     return np.concatenate(scores) if scores else np.empty(0, dtype=np.float32)
@@ -154,6 +163,11 @@ class TrainedHead:
         return cls(
             head_from_weights(config["head"], tensors), FeaturesMeta.from_dict(config["features"])
         )
+
+    def to(self, device: torch.device) -> TrainedHead:
+        """This head with its weights moved to ``device`` (where it then scores)."""
+        self.head.to(device)
+        return self
 
     def score(
         self,

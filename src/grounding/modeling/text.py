@@ -17,6 +17,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     import pandas as pd
+    import torch
     from torch import nn
 
 # Phrases are a few words; all-MiniLM-L6-v2 was trained on at most 256 word pieces.
@@ -43,8 +44,11 @@ class TextEncoder:
     dim: int
 
 
-def load_text_encoder(name_or_path: str | Path) -> TextEncoder:
-    """Load a packaged encoder (:data:`TEXT_ENCODERS`) or a local Hugging Face model folder.
+def load_text_encoder(
+    name_or_path: str | Path, *, device: torch.device | None = None
+) -> TextEncoder:
+    """Load a packaged encoder (:data:`TEXT_ENCODERS`) or a local Hugging Face model folder,
+    on ``device`` (default the CPU).
 
     Never contacts a hub (``local_files_only=True``). Raises :class:`ValueError` when the name
     is neither a packaged encoder nor an existing folder.
@@ -66,6 +70,8 @@ def load_text_encoder(name_or_path: str | Path) -> TextEncoder:
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     model = AutoModel.from_pretrained(folder, local_files_only=True)
     model.eval().requires_grad_(False)
+    if device is not None:
+        model.to(device)
     return TextEncoder(str(name_or_path), tokenizer, model, int(model.config.hidden_size))
 
 
@@ -75,16 +81,20 @@ def encode_phrases(
     """Embeddings ``(M, dim)`` float32, unit L2 norm, of ``texts (M,)`` in order.
 
     Each distinct text is encoded once (identical texts get identical rows), in batches of
-    texts of similar length (less padding).
+    texts of similar length (less padding). The encoder runs where its weights are, in mixed
+    precision on a GPU (:func:`grounding.modeling.device.autocast`); the pooling in float32.
     """
     import torch
     from torch.nn import functional as F
+
+    from grounding.modeling.device import autocast, module_device
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     unique, inverse = np.unique(np.array(list(texts), dtype=str), return_inverse=True)
     order = np.argsort([len(text) for text in unique], kind="stable")
     embeddings = np.zeros((len(unique), encoder.dim), dtype=np.float32)
+    device = module_device(encoder.model)
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
@@ -95,10 +105,12 @@ def encode_phrases(
                 max_length=_MAX_TOKENS,
                 return_tensors="pt",
             )
-            states = encoder.model(**tokens).last_hidden_state
+            tokens = {name: values.to(device) for name, values in tokens.items()}
+            with autocast(device):
+                states = encoder.model(**tokens).last_hidden_state.float()
             mask = tokens["attention_mask"].unsqueeze(-1).to(states.dtype)
             mean = (states * mask).sum(1) / mask.sum(1).clamp(min=1)
-            embeddings[rows] = F.normalize(mean, dim=1).numpy()
+            embeddings[rows] = F.normalize(mean, dim=1).cpu().numpy()
     return embeddings[inverse.reshape(-1)]
 
 

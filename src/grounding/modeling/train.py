@@ -22,6 +22,7 @@ import torch
 from torch.nn import functional
 
 from grounding.evaluation.metrics import phrase_ranks, recall_at_k
+from grounding.modeling.device import module_device
 from grounding.modeling.head import Head, HeadConfig, build_head
 from grounding.modeling.losses import listwise_loss, repeated_pair_loss
 from grounding.modeling.scoring import PairFeatures, pair_logits, score_pairs
@@ -93,6 +94,7 @@ def train_head(
     dropout: float,
     seed: int,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
+    device: torch.device | None = None,
 ) -> TrainResult:
     """Train a new head of type ``head`` (:data:`~grounding.modeling.head.HEADS`);
     deterministic on CPU for a given ``seed``.
@@ -100,7 +102,8 @@ def train_head(
     ``train_pairs`` (``phrase_id, region_id, image_id, label``) may repeat pairs (balanced by
     oversampling); ``batch_size`` is in images. ``val_pairs`` are scored after each epoch
     (loss, accuracy at probability 0.5, Recall@1). ``on_epoch`` receives each epoch's row of the
-    history as it is made (for progress display).
+    history as it is made (for progress display). The head trains in float32 on ``device``
+    (default the CPU) and is returned on the CPU.
     """
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
@@ -113,7 +116,7 @@ def train_head(
         torch.manual_seed(seed)
         model = build_head(
             head, HeadConfig(features.regions.shape[1], features.phrases.shape[1], hidden, dropout)
-        )
+        ).to(device)
         optimizer = torch.optim.AdamW(
             model.parameters(), lr=learning_rate, weight_decay=weight_decay
         )
@@ -127,8 +130,8 @@ def train_head(
             for step in range(steps):
                 chosen = batches.phrases_of(order[step * batch_size : (step + 1) * batch_size])
                 logits = _group_logits(model, features, groups, chosen)
-                labels = torch.from_numpy(groups.labels[chosen])
-                counts = torch.from_numpy(groups.counts[chosen])
+                labels = torch.from_numpy(groups.labels[chosen]).to(device)
+                counts = torch.from_numpy(groups.counts[chosen]).to(device)
                 valid = counts > 0
                 loss = repeated_pair_loss(logits, labels, counts, pos_weight)
                 if rank_weight > 0:
@@ -150,7 +153,7 @@ def train_head(
             history.append(row)
             if on_epoch is not None:
                 on_epoch(row)
-    return TrainResult(model.eval(), pd.DataFrame(history))
+    return TrainResult(model.cpu().eval(), pd.DataFrame(history))
 
 
 class _ImageBatches:
@@ -170,19 +173,21 @@ def _group_logits(
 ) -> torch.Tensor:
     """Logits ``(len(chosen), K)`` of the chosen phrases' candidates (0 in the padding), with
     each distinct region and phrase projected once."""
+    device = module_device(model)
     valid = groups.valid[chosen]
     rows, columns = np.nonzero(valid)
     distinct, region_index = np.unique(groups.regions[chosen][rows, columns], return_inverse=True)
-    region_features, phrase_features = features.gather(distinct, groups.phrases[chosen])
+    region_features, phrase_features = features.gather(distinct, groups.phrases[chosen], device)
+    row_index = torch.from_numpy(rows).to(device)
     scores = pair_logits(
         model,
         region_features,
         phrase_features,
-        torch.from_numpy(region_index.reshape(-1)),
-        torch.from_numpy(rows),
+        torch.from_numpy(region_index.reshape(-1)).to(device),
+        row_index,
     )
-    return torch.zeros(valid.shape).index_put(
-        (torch.from_numpy(rows), torch.from_numpy(columns)), scores
+    return torch.zeros(valid.shape, device=device).index_put(
+        (row_index, torch.from_numpy(columns).to(device)), scores
     )
 
 
