@@ -3,6 +3,7 @@
 ``grounding sample --out data/sample`` regenerates the shipped synthetic sample, byte for byte.
 ``grounding predict IMAGE --phrase "a man" --phrase "a red shirt"`` grounds phrases in an image.
 ``grounding convert --from flickr30k --to odvg data/sample out`` converts a dataset's annotations.
+``grounding export --format onnx --out models/grounder-onnx`` exports a grounder for onnxruntime.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING
 from grounding import io
 from grounding.data.formats import FORMATS
 from grounding.errors import ConfigError, DataError, run
+from grounding.inference.onnx_grounder import EXPORT_FORMATS
 
 if TYPE_CHECKING:
     from grounding.inference.grounder import Grounder
@@ -113,14 +115,30 @@ def _convert(args: argparse.Namespace) -> None:
         print(f"left out: {count:,} {reason}")
 
 
+def _export(args: argparse.Namespace) -> None:
+    started = time.perf_counter()
+    grounder = load_grounder(args.model)
+    written = EXPORT_FORMATS[args.format](grounder, args.out)
+    size = sum(path.stat().st_size for path in written)
+    print(
+        f"wrote {args.format} export of {args.model} to {args.out}: {len(written)} files, "
+        f"{size / 1e6:.1f} MB, {time.perf_counter() - started:.0f} s"
+    )
+
+
 def load_grounder(model: str) -> Grounder:
     """A :class:`~grounding.inference.grounder.Grounder` from its weights file
     (``models/grounder.safetensors``), a logged pyfunc model's folder, or an MLflow model URI
     (``runs:/<id>/grounder``, ``models:/phrase-grounder/<version>``) in the store of
-    :mod:`grounding.tracking`."""
-    from grounding.inference.grounder import Grounder
+    :mod:`grounding.tracking`; or an ONNX export's folder (``grounding export``), run with
+    onnxruntime without importing torch."""
+    from grounding.inference.onnx_grounder import OnnxGrounder, is_onnx_export
 
     path = Path(model)
+    if is_onnx_export(path):
+        return OnnxGrounder.load(path)
+    from grounding.inference.grounder import Grounder
+
     if "://" not in model and ":/" not in model and not (path / "MLmodel").exists():
         return Grounder.from_weights(*io.read_weights(path))
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -184,8 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--model",
         default="models/grounder.safetensors",
-        help="grounder weights file, pyfunc model folder, or MLflow URI "
-        "(runs:/<run id>/grounder, models:/phrase-grounder/<version>); default %(default)s",
+        help="grounder weights file, pyfunc model folder, MLflow URI "
+        "(runs:/<run id>/grounder, models:/phrase-grounder/<version>), or the folder of "
+        "`grounding export --format onnx` (fastest to start); default %(default)s",
     )
     predict.add_argument("--top-k", type=int, default=1, help="boxes per phrase (default 1)")
     predict.add_argument(
@@ -239,6 +258,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="leave out the records that break the format (counted) instead of stopping",
     )
     convert.set_defaults(handler=_convert)
+
+    export = commands.add_parser(
+        "export",
+        help="export a grounder for a runtime without torch (onnx: onnxruntime)",
+        description=(
+            "Export a grounder's backbone with its RoIAlign, text encoder and head as ONNX "
+            "graphs, with its tokenizer and a JSON of its threshold, candidate generator and "
+            "feature settings (no pickle). `grounding predict --model OUT` and the MLflow "
+            "pyfunc then run it with onnxruntime, without importing torch or transformers."
+        ),
+    )
+    export.add_argument(
+        "--format", choices=sorted(EXPORT_FORMATS), default="onnx", help="default %(default)s"
+    )
+    export.add_argument(
+        "--model",
+        default="models/grounder.safetensors",
+        help="the grounder, as `predict --model` takes it; default %(default)s",
+    )
+    export.add_argument(
+        "--out", type=Path, default=Path("models/grounder-onnx"), help="folder (%(default)s)"
+    )
+    export.set_defaults(handler=_export)
     return parser
 
 

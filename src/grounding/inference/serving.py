@@ -114,14 +114,20 @@ def predict_table(grounder: Grounder, table: pd.DataFrame, *, top_k: int) -> pd.
 
 
 class GrounderModel(mlflow.pyfunc.PythonModel):
-    """The pyfunc wrapper; its one artifact ``grounder`` is the grounder's weights file."""
+    """The pyfunc wrapper; its one artifact ``grounder`` is the grounder's weights file, or the
+    folder of its ONNX export (``grounding export``), which runs with onnxruntime."""
 
     grounder: Grounder
 
     def load_context(self, context: Any) -> None:
+        from grounding.inference.onnx_grounder import OnnxGrounder, is_onnx_export
         from grounding.io.weights import read_weights
 
-        self.grounder = Grounder.from_weights(*read_weights(Path(context.artifacts["grounder"])))
+        path = Path(context.artifacts["grounder"])
+        if is_onnx_export(path):
+            self.grounder = OnnxGrounder.load(path)
+            return
+        self.grounder = Grounder.from_weights(*read_weights(path))
 
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None

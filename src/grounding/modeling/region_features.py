@@ -75,7 +75,8 @@ def _chunk_features(
 
     inputs = [_image_tensor(backbone, image, image_size) for image, _ in chunk]
     rois = [
-        _scaled_boxes(boxes, scale) for (_, boxes), (_, scale) in zip(chunk, inputs, strict=True)
+        torch.from_numpy(scaled_boxes(boxes, scale))
+        for (_, boxes), (_, scale) in zip(chunk, inputs, strict=True)
     ]
     same_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
     for index, (tensor, _) in enumerate(inputs):
@@ -103,35 +104,51 @@ def _chunk_features(
 def _image_tensor(
     backbone: Backbone, image: Image.Image, image_size: int
 ) -> tuple[torch.Tensor, tuple[float, float]]:
-    """The normalised, resized, padded image ``(3, H', W')`` and the scale ``(sx, sy)`` from
-    original to resized pixels."""
+    """:func:`normalised_image` for ``backbone`` as a tensor ``(3, H', W')``, and the scale."""
     import torch
-    from torch.nn import functional as F
 
+    pixels, scale = normalised_image(
+        image, image_size, stride=backbone.stride, mean=backbone.mean, std=backbone.std
+    )
+    return torch.from_numpy(pixels), scale
+
+
+def normalised_image(
+    image: Image.Image,
+    image_size: int,
+    *,
+    stride: int,
+    mean: tuple[float, float, float],
+    std: tuple[float, float, float],
+) -> tuple[np.ndarray, tuple[float, float]]:
+    """What a trunk is fed: the image resized (longer side ``image_size`` pixels, aspect kept,
+    bilinear), as RGB in [0, 1], normalised ``(x - mean) / std``, padded with 0 on the right and
+    bottom to a multiple of ``stride``: ``(3, H', W')`` float32; and the scale ``(sx, sy)``
+    from original to resized pixels. Plain numpy: the ONNX grounder feeds the same array."""
     width, height = image.size
     factor = image_size / max(width, height)
     new_width, new_height = max(1, round(width * factor)), max(1, round(height * factor))
     resized = image.convert("RGB").resize((new_width, new_height), Image.Resampling.BILINEAR)
-    pixels = torch.from_numpy(np.array(resized, dtype=np.float32)).permute(2, 0, 1) / 255
-    mean = torch.tensor(backbone.mean).view(3, 1, 1)
-    std = torch.tensor(backbone.std).view(3, 1, 1)
-    normalised = (pixels - mean) / std
+    pixels = np.array(resized, dtype=np.float32).transpose(2, 0, 1) / np.float32(255)
+    mean_ = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
+    std_ = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
+    normalised = (pixels - mean_) / std_
     # Padding with 0 after normalising is padding with the mean colour.
-    pad_right = -new_width % backbone.stride
-    pad_bottom = -new_height % backbone.stride
-    padded = F.pad(normalised, (0, pad_right, 0, pad_bottom))
+    padded = np.zeros(
+        (3, new_height + -new_height % stride, new_width + -new_width % stride), np.float32
+    )
+    padded[:, :new_height, :new_width] = normalised
     return padded, (new_width / width, new_height / height)
 
 
-def _scaled_boxes(boxes: np.ndarray, scale: tuple[float, float]) -> torch.Tensor:
-    """``boxes (N, 4)`` of the original image in pixels of the resized one: ``(N, 4)``."""
-    import torch
-
+def scaled_boxes(boxes: np.ndarray, scale: tuple[float, float]) -> np.ndarray:
+    """``boxes (N, 4)`` of the original image in pixels of the resized one: ``(N, 4)``
+    float32; :class:`ValueError` if a value is not finite."""
     boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
     if not np.isfinite(boxes).all():
         raise ValueError("boxes must be finite")
     sx, sy = scale
-    return torch.from_numpy(boxes * np.array([sx, sy, sx, sy], dtype=np.float32))
+    return boxes * np.array([sx, sy, sx, sy], dtype=np.float32)
 
 
 def candidate_features(
@@ -172,12 +189,12 @@ def candidate_features(
         return image
 
     items = (
-        (load(image_id), _with_whole_image(boxes, tuple(sizes.loc[image_id])) if context else boxes)
+        (load(image_id), with_whole_image(boxes, tuple(sizes.loc[image_id])) if context else boxes)
         for image_id, _, boxes in groups
     )
     visual = extract_region_features(backbone, items, image_size=image_size, batch_size=batch_size)
     for (image_id, region_ids, boxes), vectors in zip(groups, visual, strict=True):
-        yield region_ids, _assemble(vectors, boxes, tuple(sizes.loc[image_id]), context)
+        yield region_ids, assemble_features(vectors, boxes, tuple(sizes.loc[image_id]), context)
 
 
 def image_features(
@@ -186,16 +203,17 @@ def image_features(
     """The features of ``boxes (N, 4)`` on one image, made as :func:`candidate_features` makes
     them (for an image outside any table: grounding phrases in a new image)."""
     boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
-    query = _with_whole_image(boxes, image.size) if context else boxes
+    query = with_whole_image(boxes, image.size) if context else boxes
     visual = region_features(backbone, image, query, image_size=image_size)
-    return _assemble(visual, boxes, image.size, context)
+    return assemble_features(visual, boxes, image.size, context)
 
 
-def _with_whole_image(boxes: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def with_whole_image(boxes: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``boxes (N, 4)`` and the whole image's box ``(0, 0, W, H)`` after them: ``(N + 1, 4)``."""
     return np.concatenate([boxes, np.array([[0, 0, *size]], dtype=np.float32)])
 
 
-def _assemble(
+def assemble_features(
     visual: np.ndarray, boxes: np.ndarray, size: tuple[int, int], context: bool
 ) -> np.ndarray:
     """Pooled features (with the whole image's as the last row when ``context``) and box
