@@ -7,11 +7,14 @@ from __future__ import annotations
 import io as bytes_io
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from grounding.errors import DataError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def read_image(path: Path) -> Image.Image:

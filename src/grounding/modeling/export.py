@@ -2,17 +2,23 @@
 RoIAlign), the text encoder (transformer and mean pooling) and the head (every phrase with
 every region). Written to files by :mod:`grounding.inference.onnx_grounder`.
 
-The graphs are made with torch's dynamo exporter (``torch.onnx.export(..., dynamo=True)``),
-whose symbolic shapes keep the image size, the number of boxes, phrases and tokens dynamic
-(the TorchScript exporter bakes the traced image's padding into EfficientNet's "same"
-convolutions). The image's sides are multiples of the trunk's stride, as
-:func:`~grounding.modeling.region_features.normalised_image` pads them.
+The graphs are traced by torch's TorchScript exporter (``dynamo=False``: seconds where the
+dynamo exporter took over half an hour for EfficientNet here, and torchvision registers its
+``roi_align`` as ONNX ``RoiAlign`` for it), with the image size and the numbers of boxes,
+phrases and tokens as dynamic axes. Tracing records Python arithmetic on shapes as constants,
+so the EfficientNet-Lite convolutions that compute their "same" padding from the input size
+are replaced by a fixed padding first: for sides that are multiples of the trunk's stride, as
+:func:`~grounding.modeling.region_features.normalised_image` pads them, that padding is the
+same for every size (tests compare the graphs with torch on images of several shapes).
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import io
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,11 +29,9 @@ from grounding.modeling.backbones import Backbone
 from grounding.modeling.head import Head
 from grounding.modeling.text import _MAX_TOKENS, TextEncoder
 
-if TYPE_CHECKING:
-    from collections.abc import Sequence
-
-#: ONNX opset of the exported graphs (RoiAlign with ``coordinate_transformation_mode`` needs 16).
-OPSET = 18
+#: ONNX opset of the exported graphs (RoiAlign with ``coordinate_transformation_mode`` needs 16;
+#: torchvision maps ``aligned=True`` to ``half_pixel`` from there).
+OPSET = 17
 
 
 class RegionModel(nn.Module):
@@ -90,94 +94,103 @@ class GridModel(nn.Module):
 def onnx_models(backbone: Backbone, encoder: TextEncoder, head: Head) -> dict[str, bytes]:
     """The serialised ONNX graphs ``{"regions", "text", "head"}`` (inputs and outputs named as
     in :mod:`grounding.inference.onnx_grounder`)."""
-    stride, dim = backbone.stride, head.config.region_dim
-    height, width = torch.export.Dim("height", max=512), torch.export.Dim("width", max=512)
-    boxes, phrases = torch.export.Dim("boxes", max=100_000), torch.export.Dim("phrases")
-    tokens = torch.export.Dim("tokens", max=_MAX_TOKENS)
-    ids = torch.tensor([[101, 1037, 2158, 102], [101, 2158, 102, 0]])
+    stride = backbone.stride
+    ids = torch.tensor([[1, 2, 3, 2], [1, 3, 2, 0]])  # ids every vocabulary has
     mask = (ids != 0).to(torch.int64)
+    phrases, tokens = {0: "phrases", 1: "tokens"}, {0: "phrases", 1: "tokens"}
     return {
         "regions": _export(
-            RegionModel(backbone),
+            RegionModel(_with_fixed_padding(backbone)),
             (
                 torch.zeros(1, 3, 3 * stride, 2 * stride),
                 torch.tensor([[0.0, 0.0, 2.0 * stride, 3.0 * stride], [1.0, 2.0, 9.0, 7.0]]),
             ),
-            ("image", "boxes"),
-            ("features",),
-            {"image": {2: stride * height, 3: stride * width}, "boxes": {0: boxes}},
+            {"image": {2: "height", 3: "width"}, "boxes": {0: "boxes"}},
+            {"features": {0: "boxes"}},
         ),
         "text": _export(
             TextModel(encoder),
             (ids, mask),
-            ("input_ids", "attention_mask"),
-            ("embeddings",),
-            {"input_ids": {0: phrases, 1: tokens}, "attention_mask": {0: phrases, 1: tokens}},
+            {"input_ids": phrases, "attention_mask": tokens},
+            {"embeddings": {0: "phrases"}},
         ),
         "head": _export(
             GridModel(head),
-            (torch.zeros(3, dim), torch.zeros(2, head.config.phrase_dim)),
-            ("regions", "phrases"),
-            ("probabilities",),
-            {"regions": {0: boxes}, "phrases": {0: phrases}},
+            (torch.zeros(3, head.config.region_dim), torch.zeros(2, head.config.phrase_dim)),
+            {"regions": {0: "boxes"}, "phrases": {0: "phrases"}},
+            {"probabilities": {0: "phrases", 1: "boxes"}},
         ),
     }
-
-
-def _roi_align(
-    maps: Any,
-    rois: Any,
-    spatial_scale: float,
-    pooled_height: int,
-    pooled_width: int,
-    sampling_ratio: int = -1,
-    aligned: bool = False,
-) -> Any:
-    """``torchvision.ops.roi_align`` as ONNX ``RoiAlign`` (the exporter has no translation of
-    it): ``rois (K, 5)`` are ``(batch index, x1, y1, x2, y2)``; ``aligned`` is ONNX's
-    ``half_pixel`` mode and ``sampling_ratio`` 0 is adaptive in both."""
-    from onnxscript import INT64
-    from onnxscript import opset18 as op
-
-    batch = op.Cast(op.Squeeze(op.Slice(rois, [0], [1], [1]), [1]), to=INT64.dtype)
-    boxes = op.Slice(rois, [1], [5], [1])
-    return op.RoiAlign(
-        maps,
-        boxes,
-        batch,
-        coordinate_transformation_mode="half_pixel" if aligned else "output_half_pixel",
-        mode="avg",
-        output_height=pooled_height,
-        output_width=pooled_width,
-        sampling_ratio=max(int(sampling_ratio), 0),
-        spatial_scale=float(spatial_scale),
-    )
 
 
 def _export(
     model: nn.Module,
     example: tuple[torch.Tensor, ...],
-    inputs: Sequence[str],
-    outputs: Sequence[str],
-    dynamic: dict[str, Any],
+    inputs: dict[str, dict[int, str]],
+    outputs: dict[str, dict[int, str]],
 ) -> bytes:
     model.eval()
-    with warnings.catch_warnings(), torch.inference_mode(False):
-        warnings.simplefilter("ignore")  # the exporter's notes on its own internals
-        program = torch.onnx.export(
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        warnings.simplefilter("ignore")  # the tracer's notes on shapes read as constants
+        torch.onnx.export(
             model,
             example,
-            dynamo=True,
+            buffer,
+            dynamo=False,
             input_names=list(inputs),
             output_names=list(outputs),
-            dynamic_shapes=dynamic,
+            dynamic_axes={**inputs, **outputs},
             opset_version=OPSET,
-            custom_translation_table={torch.ops.torchvision.roi_align.default: _roi_align},
-            verbose=False,
         )
-    if program is None:
-        raise RuntimeError("torch.onnx.export returned no program")
-    return program.model_proto.SerializeToString()
+    return buffer.getvalue()
+
+
+def _with_fixed_padding(backbone: Backbone) -> Backbone:
+    """``backbone`` with every convolution that computes its "same" padding from the input's
+    size (EfficientNet-Lite's ``Conv2dDynamicSamePadding``) replaced by a copy with the padding
+    that sides divisible by the stride get; other trunks are returned as they are."""
+    try:
+        from efficientnet_lite_pytorch.utils import Conv2dDynamicSamePadding
+    except ModuleNotFoundError:
+        return backbone
+    dynamic = [m for m in backbone.trunk.modules() if isinstance(m, Conv2dDynamicSamePadding)]
+    if not dynamic:
+        return backbone
+    trunk = copy.deepcopy(backbone.trunk)
+    _replace_same_padding(trunk, Conv2dDynamicSamePadding)
+    return dataclasses.replace(backbone, trunk=trunk.eval())
+
+
+def _replace_same_padding(module: nn.Module, kind: type) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, kind):
+            setattr(module, name, _fixed_padding(child))
+        else:
+            _replace_same_padding(child, kind)
+
+
+def _fixed_padding(conv: nn.Conv2d) -> nn.Sequential:
+    """TensorFlow's "same" padding of ``conv`` for an input side divisible by its stride:
+    ``(k - 1) * d + 1 - s`` in all, the smaller half first (the top and left)."""
+    (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
+
+    def total(kernel: int, stride: int, dilation: int) -> int:
+        return max((kernel - 1) * dilation + 1 - stride, 0)
+
+    ph, pw = total(kh, sh, dh), total(kw, sw, dw)
+    fixed = nn.Conv2d(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        0,
+        conv.dilation,
+        conv.groups,
+        conv.bias is not None,
+    )
+    fixed.load_state_dict(conv.state_dict())
+    return nn.Sequential(nn.ZeroPad2d((pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)), fixed)
 
 
 def tokenizer_json(encoder: TextEncoder) -> str:
