@@ -71,6 +71,18 @@ def test_an_export_with_a_missing_graph_is_one_line_error(tmp_path: Path) -> Non
         OnnxGrounder.load(tmp_path)
 
 
+def test_export_of_a_missing_grounder_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from grounding.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["export", "--model", str(tmp_path / "none.safetensors"), "--out", str(tmp_path)])
+    assert exit_.value.code == 1
+    assert capsys.readouterr().err.startswith("error: ")
+    assert not is_onnx_export(tmp_path)
+
+
 # --- exported stand-ins --------------------------------------------------------------------
 
 
@@ -151,7 +163,7 @@ def test_the_server_grounds_with_an_export(exported: tuple[Grounder, Path], tmp_
 
 
 @pytest.mark.slow
-def test_predict_with_an_export_imports_no_torch(
+def test_predict_with_an_export_imports_no_torch_nor_pandas(
     exported: tuple[Grounder, Path], tmp_path: Path
 ) -> None:
     _, folder = exported
@@ -162,7 +174,7 @@ def test_predict_with_an_export_imports_no_torch(
         "from grounding.cli import main\n"
         f"main(['predict', {str(image)!r}, '--model', {str(folder)!r}, '--phrase', 'a red box',"
         f" '--cache', {str(tmp_path / 'cache')!r}])\n"
-        "heavy = [m for m in ('torch', 'transformers', 'mlflow', 'torchvision')"
+        "heavy = [m for m in ('torch', 'transformers', 'mlflow', 'torchvision', 'pandas')"
         " if m in sys.modules]\n"
         "print(json.dumps(heavy))\n"
     )
