@@ -59,6 +59,8 @@ def export_onnx(grounder: Grounder, folder: Path) -> list[Path]:
     the files written. ``grounder.json`` is written last: a folder without it is no export."""
     from grounding.modeling.export import export_settings, onnx_models, tokenizer_json
 
+    if isinstance(grounder, OnnxGrounder):
+        raise DataError("the grounder is an ONNX export already; export its torch grounder")
     folder = Path(folder)
     models = onnx_models(grounder.backbone, grounder.encoder, grounder.trained.head)
     written = []
@@ -67,14 +69,13 @@ def export_onnx(grounder: Grounder, folder: Path) -> list[Path]:
         written.append(folder / MODEL_FILES[key])
     io.write_text(tokenizer_json(grounder.encoder), folder / TOKENIZER_FILE)
     written.append(folder / TOKENIZER_FILE)
-    backbone = grounder.backbone
     config = {
         "format": FORMAT,
         "version": VERSION,
         "threshold": float(grounder.threshold),
         "candidates": {"name": grounder.candidates, "settings": dict(grounder.settings)},
         "features": grounder.features.to_dict(),
-        **export_settings(backbone, grounder.encoder),
+        **export_settings(grounder.backbone, grounder.encoder),
         "head": grounder.trained.to_weights()[1]["head"],
     }
     io.write_json(config, folder / CONFIG_FILE)
