@@ -1,27 +1,37 @@
-"""Latency of `grounding predict`: one image, five phrases, on this machine's CPU.
+"""Latency of `grounding predict`: one image, five phrases, on this machine's CPU, with the torch
+grounder and with its ONNX export (`grounding export --format onnx`).
 
-Measures, for each of ``--n-images`` real images, the whole command as a user runs it (a new
-process: imports, loading the grounder, proposals, features, scores, JSON), twice:
+For each grounder and each of ``--n-images`` real images, the whole command as a user runs it (a
+new process: imports, loading the grounder, proposals, features, scores, JSON), twice:
 
 - cold: an empty proposal cache, so selective search runs;
 - cached: the same command again, the proposals read from the cache.
 
-and, inside one process with the grounder loaded once, the grounding alone (cold and cached).
-Prints the medians; ``--out`` also writes them as JSON.
+Each is the median over images and ``--runs`` repetitions; beside the wall time, the command's
+CPU time (user + system, less sensitive to other load on the machine). Then, inside one process
+with each grounder loaded once, the grounding alone (cold and cached), and the agreement of the
+export with torch: the smallest IoU between the two paths' best box of a phrase, and the largest
+score difference. Prints the figures; ``--out`` also writes them as JSON.
 
-    python -m benchmarks.predict --model models/grounder.safetensors
+    grounding export --format onnx --model models/grounder.safetensors --out models/grounder-onnx
+    python -m benchmarks.predict --model models/grounder.safetensors --onnx models/grounder-onnx
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from benchmarks import REPO, SHARED_DATA
 
@@ -40,40 +50,82 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--model", default=str(REPO / "models" / "grounder.safetensors"), help="grounder"
+        "--model", default=str(REPO / "models" / "grounder.safetensors"), help="torch grounder"
+    )
+    parser.add_argument(
+        "--onnx", type=Path, help="its ONNX export's folder (default: only the torch grounder)"
     )
     parser.add_argument("--images", type=Path, default=REAL_IMAGES, help="folder of JPEGs")
     parser.add_argument("--n-images", type=int, default=5, help="images to time")
+    parser.add_argument("--runs", type=int, default=1, help="repetitions of each command")
     parser.add_argument("--out", type=Path, help="write the figures here (JSON)")
     return parser.parse_args(argv)
 
 
-def command_seconds(image: Path, model: str, cache: Path) -> float:
+def command_seconds(image: Path, model: str, cache: Path) -> tuple[float, float]:
+    """Wall and CPU seconds of one fresh `grounding predict` command."""
     args = [sys.executable, "-m", "grounding.cli", "predict", str(image), "--model", model]
     args += ["--cache", str(cache)]
     for phrase in PHRASES:
         args += ["--phrase", phrase]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    subprocess.run(args, check=True, capture_output=True)
-    return time.perf_counter() - start
+    subprocess.run(args, check=True, capture_output=True, env={**os.environ})
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu
 
 
-def in_process_seconds(images: list[Path], model: str, cache_dir: Path) -> dict[str, list[float]]:
+def commands(images: list[Path], model: str, work: Path, runs: int) -> dict[str, float]:
+    """Medians of cold (fresh cache) and cached commands over images and runs."""
+    kinds = ("cold", "cold_cpu", "cached", "cached_cpu")
+    times: dict[str, list[float]] = {key: [] for key in kinds}
+    for run in range(runs):
+        cache = work / f"cache-{run}"
+        for kind in ("cold", "cached"):
+            for image in images:
+                wall, cpu = command_seconds(image, model, cache)
+                times[kind].append(wall)
+                times[f"{kind}_cpu"].append(cpu)
+    return {f"command_{key}_s": statistics.median(values) for key, values in times.items()}
+
+
+def in_process(images: list[Path], model: str, cache_dir: Path) -> tuple[dict[str, float], Any]:
+    """Load time and median grounding times inside one process; and the groundings."""
     from grounding import io
     from grounding.cli import load_grounder
 
     start = time.perf_counter()
     grounder = load_grounder(model)
+    times: dict[str, list[float]] = {"cold": [], "cached": []}
     load = time.perf_counter() - start
     proposals = grounder.proposer(io.ProposalCache(cache_dir))
-    times: dict[str, list[float]] = {"load_s": [load], "cold_s": [], "cached_s": []}
+    found = []
     for path in images:
         image = io.read_image(path)
-        for kind in ("cold_s", "cached_s"):
+        for kind in ("cold", "cached"):
             start = time.perf_counter()
-            grounder.ground(image, PHRASES, proposals=proposals)
+            result = grounder.ground(image, PHRASES, proposals=proposals)
             times[kind].append(time.perf_counter() - start)
-    return times
+        found.append(result)
+    figures = {"load_grounder_s": load}
+    figures.update({f"ground_{kind}_s": statistics.median(v) for kind, v in times.items()})
+    return figures, found
+
+
+def agreement(torch_found: list, onnx_found: list) -> dict[str, float]:
+    """The smallest IoU of the two paths' best boxes over every phrase of every image, and
+    the largest difference of their scores."""
+    from grounding.boxes import box_iou
+
+    ious, differences = [], []
+    for ours, theirs in zip(onnx_found, torch_found, strict=True):
+        for a, b in zip(ours, theirs, strict=True):
+            box_a, box_b = a.boxes[0], b.boxes[0]
+            ious.append(float(box_iou(np.array([box_a.box]), np.array([box_b.box]))[0, 0]))
+            differences.append(abs(box_a.score - box_b.score))
+    return {"min_iou_vs_torch": min(ious), "max_score_difference": max(differences)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -81,23 +133,23 @@ def main(argv: list[str] | None = None) -> None:
     images = sorted(args.images.glob("*.jpg"))[: args.n_images]
     if not images:
         raise SystemExit(f"no .jpg images in {args.images}")
-    results: dict[str, float | int | str] = {"images": len(images), "phrases": len(PHRASES)}
-    with tempfile.TemporaryDirectory() as work:
-        cache = Path(work) / "command-cache"
-        cold = [command_seconds(image, args.model, cache) for image in images]
-        cached = [command_seconds(image, args.model, cache) for image in images]
-        inside = in_process_seconds(images, args.model, Path(work) / "process-cache")
-    results.update(
-        {
-            "command_cold_s": statistics.median(cold),
-            "command_cached_s": statistics.median(cached),
-            "load_grounder_s": inside["load_s"][0],
-            "ground_cold_s": statistics.median(inside["cold_s"]),
-            "ground_cached_s": statistics.median(inside["cached_s"]),
-        }
-    )
+    results: dict[str, Any] = {"images": len(images), "phrases": len(PHRASES), "runs": args.runs}
+    models = {"torch": args.model, **({"onnx": str(args.onnx)} if args.onnx else {})}
+    found = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for name, model in models.items():
+            figures = commands(images, model, work / f"{name}-commands", args.runs)
+            inside, found[name] = in_process(images, model, work / f"{name}-process")
+            results[name] = {**figures, **inside}
+    if "onnx" in found:
+        results["onnx"].update(agreement(found["torch"], found["onnx"]))
     for name, value in results.items():
-        print(f"{name:24} {value:.3f}" if isinstance(value, float) else f"{name:24} {value}")
+        if isinstance(value, dict):
+            for key, number in value.items():
+                print(f"{name + ' ' + key:32} {number:.3f}")
+        else:
+            print(f"{name:32} {value}")
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
 

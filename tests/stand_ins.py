@@ -12,6 +12,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.normalizers import Lowercase
+from tokenizers.pre_tokenizers import WhitespaceSplit
 
 from grounding.inference.grounder import Grounder
 from grounding.modeling import backbones, text
@@ -51,6 +55,15 @@ class WordTokenizer:
 
     def __init__(self, words: Sequence[str]) -> None:
         self.ids = {word: index + 2 for index, word in enumerate(words)}  # 0: padding, 1: unknown
+
+    @property
+    def backend_tokenizer(self) -> Tokenizer:
+        """The same tokenizer as a ``tokenizers`` one (what an ONNX export saves)."""
+        vocab = {"[PAD]": 0, "[UNK]": 1, **self.ids}
+        tokenizer = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+        tokenizer.normalizer = Lowercase()
+        tokenizer.pre_tokenizer = WhitespaceSplit()
+        return tokenizer
 
     def __call__(
         self, texts: list[str], *, padding: bool, truncation: bool, max_length: int, **_: object

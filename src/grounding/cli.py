@@ -3,11 +3,13 @@
 ``grounding sample --out data/sample`` regenerates the shipped synthetic sample, byte for byte.
 ``grounding predict IMAGE --phrase "a man" --phrase "a red shirt"`` grounds phrases in an image.
 ``grounding convert --from flickr30k --to odvg data/sample out`` converts a dataset's annotations.
+``grounding export --format onnx --out models/grounder-onnx`` exports a grounder for onnxruntime.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -19,6 +21,7 @@ from typing import TYPE_CHECKING
 from grounding import io
 from grounding.data.formats import FORMATS
 from grounding.errors import ConfigError, DataError, run
+from grounding.inference.onnx_grounder import EXPORT_FORMATS
 
 if TYPE_CHECKING:
     from grounding.inference.grounder import Grounder
@@ -36,8 +39,8 @@ def _sample(args: argparse.Namespace) -> None:
 
 
 def _predict(args: argparse.Namespace) -> None:
+    from grounding.config import check_device_spec
     from grounding.inference.grounder import check_phrases, phrases_from_caption
-    from grounding.modeling.device import gpu_memory_hint, resolve_device
 
     phrases = list(args.phrase)
     for caption in args.caption:
@@ -52,12 +55,12 @@ def _predict(args: argparse.Namespace) -> None:
     if not args.no_cache:
         io.check_writable_folder(args.cache, "--cache")
     image = io.read_image(args.image)  # before the model: a bad image fails fast
-    device = resolve_device(args.device, "--device")
+    check_device_spec(args.device, "--device")  # before the model: a bad name fails fast
     started = time.perf_counter()
-    grounder = load_grounder(args.model).to(device)
+    grounder, out_of_memory_hint = _placed(load_grounder(args.model), args.device)
     loaded = time.perf_counter()
     proposals = grounder.proposer(None if args.no_cache else io.ProposalCache(args.cache))
-    with gpu_memory_hint(device, "shrink the image or pass --device cpu"):
+    with out_of_memory_hint:
         found = grounder.ground(image, phrases, top_k=args.top_k, proposals=proposals)
     done = time.perf_counter()
     result = {
@@ -74,6 +77,28 @@ def _predict(args: argparse.Namespace) -> None:
         result["out"] = str(args.out)
     json.dump(result, sys.stdout, indent=2)
     print()
+
+
+def _placed(
+    grounder: Grounder, device: str
+) -> tuple[Grounder, contextlib.AbstractContextManager[object]]:
+    """``grounder`` on the ``device`` that ``--device`` names, and the context that turns a GPU
+    out of memory into a one-line error. An ONNX export runs on onnxruntime's CPU: ``auto`` and
+    ``cpu`` keep it there without importing torch; ``cuda`` is refused."""
+    from grounding.inference.onnx_grounder import OnnxGrounder
+
+    if isinstance(grounder, OnnxGrounder):
+        if device not in ("auto", "cpu"):
+            raise ConfigError(
+                f"--device {device}: an ONNX export runs on the CPU (onnxruntime); "
+                "pass the torch grounder (its .safetensors file) as --model to use a GPU"
+            )
+        return grounder, contextlib.nullcontext()
+    from grounding.modeling.device import gpu_memory_hint, resolve_device
+
+    placed = resolve_device(device, "--device")
+    hint = gpu_memory_hint(placed, "shrink the image or pass --device cpu")
+    return grounder.to(placed), hint
 
 
 def _read_phrases(path: Path) -> list[str]:
@@ -121,14 +146,30 @@ def _convert(args: argparse.Namespace) -> None:
         print(f"left out: {count:,} {reason}")
 
 
+def _export(args: argparse.Namespace) -> None:
+    started = time.perf_counter()
+    grounder = load_grounder(args.model)
+    written = EXPORT_FORMATS[args.format](grounder, args.out)
+    size = sum(path.stat().st_size for path in written)
+    print(
+        f"wrote {args.format} export of {args.model} to {args.out}: {len(written)} files, "
+        f"{size / 1e6:.1f} MB, {time.perf_counter() - started:.0f} s"
+    )
+
+
 def load_grounder(model: str) -> Grounder:
     """A :class:`~grounding.inference.grounder.Grounder` from its weights file
     (``models/grounder.safetensors``), a logged pyfunc model's folder, or an MLflow model URI
     (``runs:/<id>/grounder``, ``models:/phrase-grounder/<version>``) in the store of
-    :mod:`grounding.tracking`."""
-    from grounding.inference.grounder import Grounder
+    :mod:`grounding.tracking`; or an ONNX export's folder (``grounding export``), run with
+    onnxruntime without importing torch."""
+    from grounding.inference.onnx_grounder import OnnxGrounder, is_onnx_export
 
     path = Path(model)
+    if is_onnx_export(path):
+        return OnnxGrounder.load(path)
+    from grounding.inference.grounder import Grounder
+
     if "://" not in model and ":/" not in model and not (path / "MLmodel").exists():
         if path.is_dir():
             raise DataError(
@@ -243,8 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--model",
         default="models/grounder.safetensors",
-        help="grounder weights file, pyfunc model folder, or MLflow URI "
-        "(runs:/<run id>/grounder, models:/phrase-grounder/<version>); default %(default)s",
+        help="grounder weights file, pyfunc model folder, MLflow URI "
+        "(runs:/<run id>/grounder, models:/phrase-grounder/<version>), or the folder of "
+        "`grounding export --format onnx` (fastest to start); default %(default)s",
     )
     predict.add_argument(
         "--top-k", type=_positive_int, default=1, help="boxes per phrase, >= 1 (default 1)"
@@ -305,6 +347,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="leave out the records that break the format (counted) instead of stopping",
     )
     convert.set_defaults(handler=_convert)
+
+    export = commands.add_parser(
+        "export",
+        help="export a grounder for a runtime without torch (onnx: onnxruntime)",
+        description=(
+            "Export a grounder's backbone with its RoIAlign, text encoder and head as ONNX "
+            "graphs, with its tokenizer and a JSON of its threshold, candidate generator and "
+            "feature settings (no pickle). `grounding predict --model OUT` and the MLflow "
+            "pyfunc then run it with onnxruntime, without importing torch or transformers."
+        ),
+    )
+    export.add_argument(
+        "--format", choices=sorted(EXPORT_FORMATS), default="onnx", help="default %(default)s"
+    )
+    export.add_argument(
+        "--model",
+        default="models/grounder.safetensors",
+        help="the grounder, as `predict --model` takes it; default %(default)s",
+    )
+    export.add_argument(
+        "--out", type=Path, default=Path("models/grounder-onnx"), help="folder (%(default)s)"
+    )
+    export.set_defaults(handler=_export)
     return parser
 
 

@@ -12,10 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 from PIL import Image
 
 from grounding.boxes import BOX_COLUMNS
@@ -26,6 +25,9 @@ from grounding.config import PairRayParams
 from grounding.errors import ConfigError
 from grounding.io.proposal_cache import ProposalCache
 from grounding.schemas import CANDIDATES
+
+if TYPE_CHECKING:  # pandas costs about 0.5 s to import: grounding one image needs none
+    import pandas as pd
 
 Propose = Callable[[Image.Image], np.ndarray]
 
@@ -123,6 +125,8 @@ def candidates_table(regions: Mapping[str, np.ndarray], source: str) -> pd.DataF
     """Each image's boxes ``{image_id: boxes (N, 4)}`` as the candidates table, images sorted,
     boxes in order: ``region_id`` (the row number, which indexes the region features),
     ``image_id``, the box, ``source`` (the generator's name)."""
+    import pandas as pd
+
     image_ids = sorted(regions)
     boxes = [np.asarray(regions[i], dtype=np.float64).reshape(-1, 4) for i in image_ids]
     table = pd.DataFrame(

@@ -3,10 +3,14 @@ Entities work: telling phrases apart among known objects)."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import pandas as pd
 
 from grounding.boxes import BOX_COLUMNS
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def annotated_regions(boxes: pd.DataFrame) -> dict[str, np.ndarray]:

@@ -181,17 +181,22 @@ def predict_table(grounder: Grounder, table: pd.DataFrame, *, top_k: int) -> pd.
 
 
 class GrounderModel(mlflow.pyfunc.PythonModel):
-    """The pyfunc wrapper; its one artifact ``grounder`` is the grounder's weights file."""
+    """The pyfunc wrapper; its one artifact ``grounder`` is the grounder's weights file, or the
+    folder of its ONNX export (``grounding export``), which runs with onnxruntime."""
 
     grounder: Grounder
 
     def load_context(self, context: Any) -> None:
+        from grounding.inference.onnx_grounder import OnnxGrounder, is_onnx_export
         from grounding.io.weights import read_weights
         from grounding.modeling.device import resolve_device
 
+        path = Path(context.artifacts["grounder"])
+        if is_onnx_export(path):  # onnxruntime on the CPU: GROUNDING_DEVICE does not apply
+            self.grounder = OnnxGrounder.load(path)
+            return
         device = resolve_device(os.environ.get(DEVICE_VARIABLE, "auto"), DEVICE_VARIABLE)
-        weights = read_weights(Path(context.artifacts["grounder"]))
-        self.grounder = Grounder.from_weights(*weights).to(device)
+        self.grounder = Grounder.from_weights(*read_weights(path)).to(device)
 
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None

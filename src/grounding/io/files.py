@@ -18,13 +18,15 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from grounding.errors import DataError
 from grounding.schemas import FeaturesMeta
+
+if TYPE_CHECKING:  # pandas costs about 0.5 s to import: predict with an ONNX export needs none
+    import pandas as pd
 
 # --- atomic writes -------------------------------------------------------------------------
 
@@ -119,6 +121,8 @@ def write_table(table: pd.DataFrame, path: Path) -> None:
 
 def read_table(path: Path) -> pd.DataFrame:
     require(path)
+    import pandas as pd
+
     return pd.read_parquet(path)
 
 
@@ -129,6 +133,8 @@ def write_csv(table: pd.DataFrame, path: Path) -> None:
 
 def read_csv(path: Path) -> pd.DataFrame:
     require(path)
+    import pandas as pd
+
     return pd.read_csv(path)
 
 

@@ -14,12 +14,15 @@ import io as bytes_io
 import os
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from grounding.errors import DataError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 #: The most pixels an image may have: larger ones are almost certainly a mistake (or an
 #: attack). Below Pillow's own bomb limit (``Image.MAX_IMAGE_PIXELS``, 89 Mpx), so Pillow

@@ -136,39 +136,57 @@ class _Feed:
 
     def prepare(self, image: Image.Image, boxes: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """The trunk's input ``(3, H', W')`` and ``boxes (N, 4)`` in its pixels ``(N, 4)``."""
+        import torch
+
         tensor, scale = self.image_tensor(image)
-        return tensor, _scaled_boxes(boxes, scale)
+        return tensor, torch.from_numpy(scaled_boxes(boxes, scale))
 
     def image_tensor(self, image: Image.Image) -> tuple[torch.Tensor, tuple[float, float]]:
-        """The normalised, resized, padded image ``(3, H', W')`` and the scale ``(sx, sy)``
-        from original to resized pixels."""
+        """:func:`normalised_image` as a tensor ``(3, H', W')``, and the scale ``(sx, sy)``."""
         import torch
-        from torch.nn import functional as F
 
-        width, height = image.size
-        factor = self.image_size / max(width, height)
-        new_width, new_height = max(1, round(width * factor)), max(1, round(height * factor))
-        resized = image.convert("RGB").resize((new_width, new_height), Image.Resampling.BILINEAR)
-        pixels = torch.from_numpy(np.array(resized, dtype=np.float32)).permute(2, 0, 1) / 255
-        mean = torch.tensor(self.mean).view(3, 1, 1)
-        std = torch.tensor(self.std).view(3, 1, 1)
-        normalised = (pixels - mean) / std
-        # Padding with 0 after normalising is padding with the mean colour.
-        pad_right = -new_width % self.stride
-        pad_bottom = -new_height % self.stride
-        padded = F.pad(normalised, (0, pad_right, 0, pad_bottom))
-        return padded, (new_width / width, new_height / height)
+        pixels, scale = normalised_image(
+            image, self.image_size, stride=self.stride, mean=self.mean, std=self.std
+        )
+        return torch.from_numpy(pixels), scale
 
 
-def _scaled_boxes(boxes: np.ndarray, scale: tuple[float, float]) -> torch.Tensor:
-    """``boxes (N, 4)`` of the original image in pixels of the resized one: ``(N, 4)``."""
-    import torch
+def normalised_image(
+    image: Image.Image,
+    image_size: int,
+    *,
+    stride: int,
+    mean: tuple[float, float, float],
+    std: tuple[float, float, float],
+) -> tuple[np.ndarray, tuple[float, float]]:
+    """What a trunk is fed: the image resized (longer side ``image_size`` pixels, aspect kept,
+    bilinear), as RGB in [0, 1], normalised ``(x - mean) / std``, padded with 0 on the right and
+    bottom to a multiple of ``stride``: ``(3, H', W')`` float32; and the scale ``(sx, sy)``
+    from original to resized pixels. Plain numpy: the ONNX grounder feeds the same array."""
+    width, height = image.size
+    factor = image_size / max(width, height)
+    new_width, new_height = max(1, round(width * factor)), max(1, round(height * factor))
+    resized = image.convert("RGB").resize((new_width, new_height), Image.Resampling.BILINEAR)
+    pixels = np.array(resized, dtype=np.float32).transpose(2, 0, 1) / np.float32(255)
+    mean_ = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
+    std_ = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
+    normalised = (pixels - mean_) / std_
+    # Padding with 0 after normalising is padding with the mean colour.
+    padded = np.zeros(
+        (3, new_height + -new_height % stride, new_width + -new_width % stride), np.float32
+    )
+    padded[:, :new_height, :new_width] = normalised
+    return padded, (new_width / width, new_height / height)
 
+
+def scaled_boxes(boxes: np.ndarray, scale: tuple[float, float]) -> np.ndarray:
+    """``boxes (N, 4)`` of the original image in pixels of the resized one: ``(N, 4)``
+    float32; :class:`ValueError` if a value is not finite."""
     boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
     if not np.isfinite(boxes).all():
         raise ValueError("boxes must be finite")
     sx, sy = scale
-    return torch.from_numpy(boxes * np.array([sx, sy, sx, sy], dtype=np.float32))
+    return boxes * np.array([sx, sy, sx, sy], dtype=np.float32)
 
 
 def candidate_features(
@@ -210,7 +228,7 @@ def candidate_features(
     )
     visual = _batched_features(backbone, _in_order(images_of, workers), batch_size)
     for (image_id, region_ids, boxes), vectors in zip(groups, visual, strict=True):
-        yield region_ids, _assemble(vectors, boxes, tuple(sizes.loc[image_id]), context)
+        yield region_ids, assemble_features(vectors, boxes, tuple(sizes.loc[image_id]), context)
 
 
 @dataclass(frozen=True)
@@ -238,7 +256,7 @@ class _CandidateImages:
         disagreement = size_disagreement(image, expected)
         if disagreement:
             return DataError(f"image {image_id}: {disagreement}")
-        query = _with_whole_image(boxes, expected) if self.context else boxes
+        query = with_whole_image(boxes, expected) if self.context else boxes
         return self.feed.prepare(image, query)
 
 
@@ -265,16 +283,17 @@ def image_features(
     """The features of ``boxes (N, 4)`` on one image, made as :func:`candidate_features` makes
     them (for an image outside any table: grounding phrases in a new image)."""
     boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
-    query = _with_whole_image(boxes, image.size) if context else boxes
+    query = with_whole_image(boxes, image.size) if context else boxes
     visual = region_features(backbone, image, query, image_size=image_size)
-    return _assemble(visual, boxes, image.size, context)
+    return assemble_features(visual, boxes, image.size, context)
 
 
-def _with_whole_image(boxes: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def with_whole_image(boxes: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``boxes (N, 4)`` and the whole image's box ``(0, 0, W, H)`` after them: ``(N + 1, 4)``."""
     return np.concatenate([boxes, np.array([[0, 0, *size]], dtype=np.float32)])
 
 
-def _assemble(
+def assemble_features(
     visual: np.ndarray, boxes: np.ndarray, size: tuple[int, int], context: bool
 ) -> np.ndarray:
     """Pooled features (with the whole image's as the last row when ``context``) and box

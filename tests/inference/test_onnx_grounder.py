@@ -1,0 +1,236 @@
+"""The ONNX export of a grounder: it scores as the torch grounder does, holds no pickle, and
+predicts without importing torch, transformers or mlflow. Exporting runs torch's exporter
+(seconds even for the stand-ins), so those tests are slow; the packaged models' one is the
+agreement check on a real image."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import stand_ins
+from stand_ins import SETTINGS, two_shapes
+
+from grounding.boxes import box_iou
+from grounding.errors import DataError
+from grounding.inference.grounder import Grounder
+from grounding.inference.onnx_grounder import (
+    CONFIG_FILE,
+    FORMAT,
+    OnnxGrounder,
+    export_onnx,
+    is_onnx_export,
+)
+from grounding.inference.serving import GrounderModel, encode_image, predict_table
+from grounding.io import write_json
+from grounding.modeling.scoring import TrainedHead
+from grounding.schemas import FeaturesMeta
+
+PHRASES = ["a red box", "a blue box", "grey", "A RED box"]
+BOXES = np.array(
+    [[20, 30, 90, 120], [140, 50, 220, 100], [0, 0, 240, 160], [100.5, 0, 130, 40.25]],
+    dtype=np.float32,
+)
+REAL_IMAGES = Path(__file__).resolve().parents[3] / "shared" / "flickr30k_entities" / "images"
+
+
+def test_a_folder_is_an_export_only_with_its_config(tmp_path: Path) -> None:
+    assert not is_onnx_export(tmp_path)
+    write_json({"format": FORMAT}, tmp_path / CONFIG_FILE)
+    assert is_onnx_export(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"format": "something-else"}, "is not a grounder's ONNX export"),
+        ({"format": FORMAT, "version": 99}, "export version 99; this install reads version 1"),
+        ({"format": FORMAT, "version": 1}, "not a grounder's ONNX export \\(no 'candidates'\\)"),
+    ],
+)
+def test_a_folder_that_is_not_a_current_export_is_refused(
+    tmp_path: Path, config: dict, message: str
+) -> None:
+    write_json(config, tmp_path / CONFIG_FILE)
+    with pytest.raises(DataError, match=message):
+        OnnxGrounder.load(tmp_path)
+
+
+def test_an_export_with_a_missing_graph_is_one_line_error(tmp_path: Path) -> None:
+    config = {"format": FORMAT, "version": 1, "threshold": 0.5}
+    config["candidates"] = {"name": "selective_search", "settings": SETTINGS}
+    write_json(config, tmp_path / CONFIG_FILE)
+    with pytest.raises(DataError, match="cannot load the ONNX export"):
+        OnnxGrounder.load(tmp_path)
+
+
+def test_export_of_a_missing_grounder_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from grounding.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["export", "--model", str(tmp_path / "none.safetensors"), "--out", str(tmp_path)])
+    assert exit_.value.code == 1
+    assert capsys.readouterr().err.startswith("error: ")
+    assert not is_onnx_export(tmp_path)
+
+
+# --- exported stand-ins --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Grounder, Path]:
+    folder = tmp_path_factory.mktemp("export") / "grounder-onnx"
+    grounder = stand_ins.grounder(threshold=0.3)
+    export_onnx(grounder, folder)
+    return grounder, folder
+
+
+@pytest.mark.slow
+def test_the_export_scores_as_the_torch_grounder(exported: tuple[Grounder, Path]) -> None:
+    grounder, folder = exported
+    onnx = OnnxGrounder.load(folder)
+    assert (onnx.threshold, onnx.candidates, onnx.settings) == (0.3, "selective_search", SETTINGS)
+    assert onnx.features == grounder.features
+    image = two_shapes()
+    for boxes in (BOXES, BOXES[:1]):  # the number of boxes is dynamic
+        np.testing.assert_allclose(
+            onnx.score(image, boxes, PHRASES),
+            grounder.score(image, boxes, PHRASES),
+            rtol=1e-5,
+            atol=1e-6,
+        )
+    tall = image.transpose(0).rotate(90, expand=True)  # another aspect: a dynamic image size
+    np.testing.assert_allclose(
+        onnx.score(tall, BOXES[:, [1, 0, 3, 2]], PHRASES[:2]),
+        grounder.score(tall, BOXES[:, [1, 0, 3, 2]], PHRASES[:2]),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    expected = grounder.ground(image, PHRASES, top_k=3)
+    found = onnx.ground(image, PHRASES, top_k=3)
+    assert [[box.box for box in g.boxes] for g in found] == [
+        [box.box for box in g.boxes] for g in expected
+    ]
+    assert [[box.score for box in g.boxes] for g in found] == [
+        pytest.approx([box.score for box in g.boxes], rel=1e-5) for g in expected
+    ]
+
+
+@pytest.mark.slow
+def test_the_export_holds_graphs_and_json_only(exported: tuple[Grounder, Path]) -> None:
+    _, folder = exported
+    names = sorted(path.name for path in folder.iterdir())
+    assert names == [
+        "grounder.json",
+        "head.onnx",
+        "regions.onnx",
+        "text_encoder.onnx",
+        "tokenizer.json",
+    ]
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    assert config["threshold"] == 0.3
+    assert config["candidates"] == {"name": "selective_search", "settings": SETTINGS}
+    assert config["backbone"]["stride"] == 8 and config["features"]["image_size"] == 64
+
+
+@pytest.mark.slow
+def test_the_server_grounds_with_an_export(exported: tuple[Grounder, Path], tmp_path: Path) -> None:
+    grounder, folder = exported
+    model = GrounderModel()
+    model.load_context(SimpleNamespace(artifacts={"grounder": str(folder)}))
+    assert isinstance(model.grounder, OnnxGrounder)
+    buffer = io.BytesIO()
+    two_shapes().save(buffer, format="PNG")
+    image = encode_image(buffer.getvalue())
+    table = pd.DataFrame({"image": [image, image], "phrase": ["a red box", "grey"]})
+    result = model.predict(None, table, params={"top_k": 2})
+    expected = predict_table(grounder, table, top_k=2)
+    assert result[["row", "rank", "x1", "y1", "x2", "y2"]].equals(
+        expected[["row", "rank", "x1", "y1", "x2", "y2"]]
+    )
+    np.testing.assert_allclose(
+        result["score"].astype(float), expected["score"].astype(float), rtol=1e-5
+    )
+
+
+@pytest.mark.slow
+def test_predict_with_an_export_imports_no_torch_nor_pandas(
+    exported: tuple[Grounder, Path], tmp_path: Path
+) -> None:
+    _, folder = exported
+    image = tmp_path / "shapes.png"
+    two_shapes().save(image)
+    script = (
+        "import sys, json\n"
+        "from grounding.cli import main\n"
+        f"main(['predict', {str(image)!r}, '--model', {str(folder)!r}, '--phrase', 'a red box',"
+        f" '--cache', {str(tmp_path / 'cache')!r}])\n"
+        "heavy = [m for m in ('torch', 'transformers', 'mlflow', 'torchvision', 'pandas')"
+        " if m in sys.modules]\n"
+        "print(json.dumps(heavy))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
+    *answer, heavy = done.stdout.strip().splitlines()
+    assert json.loads(heavy) == []
+    assert json.loads("\n".join(answer))["phrases"][0]["boxes"]
+
+
+# --- the packaged models ------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_an_export_of_the_packaged_models_agrees_with_torch_on_a_real_image(
+    tmp_path: Path,
+) -> None:
+    """An untrained head on the packaged backbone and text encoder: scores within 1e-4 and
+    the same best boxes (IoU >= 0.99) on a real photo (or the drawn one without the data)."""
+    from grounding.modeling.backbones import load_backbone
+    from grounding.modeling.text import load_text_encoder
+
+    meta = FeaturesMeta(
+        backbone="efficientnet-lite0",
+        backbone_weights=None,
+        text_encoder="all-minilm-l6-v2",
+        image_size=224,
+        context=True,
+        region_dim=2 * 1280 + 7,
+        phrase_dim=384,
+        regions=0,
+        phrases=0,
+    )
+    trained = TrainedHead(stand_ins.random_head(meta.region_dim, meta.phrase_dim, hidden=16), meta)
+    grounder = Grounder(
+        trained,
+        load_backbone(meta.backbone),
+        load_text_encoder(meta.text_encoder),
+        threshold=0.5,
+        candidates="selective_search",
+        settings=SETTINGS,
+    )
+    export_onnx(grounder, tmp_path / "export")
+    onnx = OnnxGrounder.load(tmp_path / "export")
+    images = sorted(REAL_IMAGES.glob("*.jpg"))[:1]
+    from grounding.io import read_image
+
+    image = read_image(images[0]) if images else two_shapes()
+    boxes = grounder.proposer()(image)
+    phrases = ["a man", "a woman in a red shirt", "the dog on the left", "a blue car", "the sky"]
+    np.testing.assert_allclose(
+        onnx.score(image, boxes, phrases), grounder.score(image, boxes, phrases), atol=1e-4
+    )
+    for ours, theirs in zip(
+        onnx.ground(image, phrases, top_k=1), grounder.ground(image, phrases, top_k=1), strict=True
+    ):
+        iou = box_iou(np.array([ours.boxes[0].box]), np.array([theirs.boxes[0].box]))[0, 0]
+        assert iou >= 0.99
