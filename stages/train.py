@@ -14,7 +14,10 @@ from grounding.config import load_params
 from grounding.errors import run
 from grounding.evaluation import plots
 from grounding.modeling.scoring import PairFeatures, TrainedHead
-from grounding.modeling.train import train_head
+from grounding.modeling.train import TrainingPairs, train_head
+
+#: What the validation scores read of the validation pairs (not ``image_id``).
+VAL_COLUMNS = ("phrase_id", "region_id", "iou", "label")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -34,7 +37,15 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params(args.params).train
     *arrays, meta = io.read_features(args.features)
     features = PairFeatures.from_arrays(*arrays)
-    pairs = {name: io.read_table(args.split / f"{name}.parquet") for name in ("train", "val")}
+    # the training pairs counted image by image, and only the columns scoring needs of the
+    # validation pairs: memory bounded by the distinct pairs, never by the pandas table
+    train_pairs = TrainingPairs.from_parts(
+        features,
+        io.read_image_parts(
+            args.split / "train.parquet", ["phrase_id", "region_id", "image_id", "label"]
+        ),
+    )
+    val_pairs = io.read_table(args.split / "val.parquet", VAL_COLUMNS)
     settings = asdict(params)
     torch.set_num_threads(settings.pop("threads"))
     with tqdm(total=params.epochs, desc="train", unit="epoch") as bar:
@@ -43,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
             bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_r1=f"{row['val_recall_at_1']:.3f}")
             bar.update()
 
-        result = train_head(features, pairs["train"], pairs["val"], **settings, on_epoch=show)
+        result = train_head(features, train_pairs, val_pairs, **settings, on_epoch=show)
     io.write_weights(*TrainedHead(result.model, meta).to_weights(), args.model)
     io.write_csv(result.history, args.history)
     io.write_json(result.history.iloc[-1].to_dict(), args.summary)
