@@ -177,7 +177,8 @@ def split_parts(
     balanced: each training positive repeated as :func:`positive_copies` says (drawn from
     ``seed`` over the training positives in the order of the pairs), every copy right after
     its row, so the rows keep the pairs' order (each image's rows consecutive). ``counts``:
-    the pairs' :func:`image_pair_counts`. Images whose split is ``none`` are left out.
+    the pairs' :func:`image_pair_counts`. Images whose split is ``none`` are left out. An
+    empty split is a :class:`DataError` at the call, before any part is read.
     """
     split = split_of_image.reindex(counts.index)
     for name in SPLITS:
@@ -192,6 +193,12 @@ def split_parts(
         positive_share=train_pos_share,
         rng=np.random.default_rng(seed),
     )
+    return _balanced_parts(parts, split_of_image, copies)
+
+
+def _balanced_parts(
+    parts: Iterable[pd.DataFrame], split_of_image: pd.Series, copies: np.ndarray
+) -> Iterator[dict[str, pd.DataFrame]]:
     seen = 0
     for part in parts:
         split_of_row = part["image_id"].map(split_of_image).to_numpy()
