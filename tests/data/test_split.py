@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 
 import numpy as np
@@ -301,7 +302,7 @@ def test_image_pair_counts_add_up_over_parts_that_cut_an_image() -> None:
     pairs = synthetic_pairs(30, seed=5)
     whole = image_pair_counts([pairs])
     cuts = [0, 7, 50, 51, 200, len(pairs)]
-    parts = [pairs.iloc[a:b] for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+    parts = [pairs.iloc[a:b] for a, b in itertools.pairwise(cuts)]
     pd.testing.assert_frame_equal(image_pair_counts(parts), whole)
     rate = pairs.groupby("image_id")["label"].mean()
     np.testing.assert_array_equal(whole["positives"] / whole["pairs"], rate.to_numpy())
@@ -325,7 +326,7 @@ def test_split_parts_give_the_split_pairs_of_the_whole_table() -> None:
     cuts = np.r_[
         0, np.sort(np.random.default_rng(0).choice(len(pairs), 6, replace=False)), len(pairs)
     ]
-    parts = [pairs.iloc[a:b] for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+    parts = [pairs.iloc[a:b] for a, b in itertools.pairwise(cuts)]
     streamed = list(split_parts(parts, split_of_image, counts, train_pos_share=0.5, seed=4))
     for name in ("train", "val", "test"):
         joined = pd.concat([part[name] for part in streamed], ignore_index=True)
