@@ -11,7 +11,7 @@ from tqdm import tqdm
 from grounding import candidates, io, validation
 from grounding.config import load_params, repo_root
 from grounding.data.formats import dataset_format
-from grounding.data.pair import pair_dataset
+from grounding.data.pair import BATCH_IMAGES, PairCounts, pairing
 from grounding.errors import run
 
 
@@ -43,20 +43,32 @@ def main(argv: list[str] | None = None) -> None:
         engine=params.pair.engine,
         ray_settings=params.pair.ray,
     )
-    paired = pair_dataset(
-        **parsed, candidates=candidates.candidates_table(regions, name), pos_iou=params.pair.pos_iou
-    )
-    tables = paired.tables()
+    made = pairing(**parsed, candidates=candidates.candidates_table(regions, name))
+    tables = {"candidates": made.candidates, "phrases": made.phrases}
+    tables["ground_truth"] = made.ground_truth
     checks = validation.check_paired(
         tables,
         images,
         types=dataset_format(params.data.format).types,
         sources=list(candidates.GENERATORS),
     )
-    io.write_tables(tables, args.out)
-    io.write_json(paired.summary, args.summary)
+    # the pairs, image batch by image batch: memory bounded by a batch, not by the dataset
+    counts, pair_checks = PairCounts(), []
+    empty = {**{key: table.iloc[:0] for key, table in tables.items()}, "pairs": made.no_pairs()}
+    with io.table_writers(args.out, empty) as writers:
+        for key, table in tables.items():
+            writers[key].write(table)
+        n_batches = -(-made.ground_truth["image_id"].nunique() // BATCH_IMAGES)
+        batches = made.batches(pos_iou=params.pair.pos_iou)
+        for pairs in tqdm(batches, total=n_batches, desc="pairs", unit="batch"):
+            pair_checks.append(validation.check_pairs(pairs))
+            counts.add(pairs)
+            writers["pairs"].write(pairs)
+    checks += validation.combine("pairs", pair_checks)
+    summary = made.summary(counts)
+    io.write_json(summary, args.summary)
     io.write_json(validation.report(checks), args.validation)
-    print(", ".join(f"{name} {value:,}" for name, value in paired.summary.items()))
+    print(", ".join(f"{name} {value:,}" for name, value in summary.items()))
 
 
 if __name__ == "__main__":

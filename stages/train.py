@@ -14,7 +14,10 @@ from grounding.errors import run
 from grounding.evaluation import plots
 from grounding.modeling.device import gpu_memory_hint, use_runtime
 from grounding.modeling.scoring import PairFeatures, TrainedHead
-from grounding.modeling.train import train_head
+from grounding.modeling.train import TrainingPairs, train_head
+
+#: What the validation scores read of the validation pairs (not ``image_id``).
+VAL_COLUMNS = ("phrase_id", "region_id", "iou", "label")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -36,7 +39,15 @@ def main(argv: list[str] | None = None) -> None:
     device = use_runtime(all_params.runtime, small_tensors=True)
     *arrays, meta = io.read_features(args.features)
     features = PairFeatures.from_arrays(*arrays)
-    pairs = {name: io.read_table(args.split / f"{name}.parquet") for name in ("train", "val")}
+    # the training pairs counted image by image, and only the columns scoring needs of the
+    # validation pairs: memory bounded by the distinct pairs, never by the pandas table
+    train_pairs = TrainingPairs.from_parts(
+        features,
+        io.read_image_parts(
+            args.split / "train.parquet", ["phrase_id", "region_id", "image_id", "label"]
+        ),
+    )
+    val_pairs = io.read_table(args.split / "val.parquet", VAL_COLUMNS)
     advice = f"lower train.batch_size (now {params.batch_size}) or set runtime.device: cpu"
     with (
         tqdm(total=params.epochs, desc="train", unit="epoch") as bar,
@@ -48,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
             bar.update()
 
         result = train_head(
-            features, pairs["train"], pairs["val"], **asdict(params), on_epoch=show, device=device
+            features, train_pairs, val_pairs, **asdict(params), on_epoch=show, device=device
         )
     io.write_weights(*TrainedHead(result.model, meta).to_weights(), args.model)
     io.write_csv(result.history, args.history)

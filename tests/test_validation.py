@@ -308,3 +308,14 @@ def test_check_split_accepts_a_natural_share_above_target(
     validation.check_split(split_tables, train_pos_share=0.3, natural_train_share=0.5)
     with pytest.raises(ValidationError, match="expect_column_mean_to_be_between"):
         validation.check_split(split_tables, train_pos_share=0.3, natural_train_share=0.3)
+
+
+def test_checks_of_parts_combine_into_the_checks_of_the_whole(paired: Paired) -> None:
+    pairs = paired.pairs
+    whole = validation.check_pairs(pairs)
+    images = pairs["image_id"].to_numpy()
+    parts = [validation.check_pairs(pairs[images == image]) for image in pd.unique(images)]
+    combined = validation.combine("pairs", parts)
+    assert [(c.expectation, c.success, c.unexpected_count, c.element_count) for c in combined] == [
+        (c.expectation, c.success, c.unexpected_count, c.element_count) for c in whole
+    ]

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 
 from grounding.candidates import candidates_table
 from grounding.candidates.annotated import annotated_regions
-from grounding.data.pair import Paired, build_pairs, ground_truth, pair_dataset
+from grounding.data.pair import (
+    PairCounts,
+    Paired,
+    build_pairs,
+    ground_truth,
+    pair_dataset,
+    pairing,
+)
 from grounding.data.tables import ParsedDataset
 
 
@@ -280,3 +289,42 @@ def test_pair_dataset_with_proposed_candidates_labels_them_by_iou(
     assert paired.summary["images_left_out_no_candidate"] == 1
     # every kept phrase has a positive: a shifted copy of its own box
     assert paired.pairs.groupby("phrase_id")["label"].max().min() == 1
+
+
+# --- pairs image batch by image batch -------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch_images", [1, 2, 3, 100])
+def test_pairs_of_image_batches_are_the_whole_table_result(
+    tiny_parsed: ParsedDataset, paired: Paired, batch_images: int
+) -> None:
+    t = tiny_parsed
+    made = pairing(t.images, t.phrases, t.boxes, t.chain_boxes, annotated(t))
+    parts = list(made.batches(pos_iou=0.5, batch_images=batch_images))
+    assert len(parts) == -(-made.ground_truth["image_id"].nunique() // batch_images)
+    # row for row the pairs of all images at once (built the way the stage built them before)
+    whole = build_pairs(made.candidates, made.ground_truth, pos_iou=0.5)
+    pd.testing.assert_frame_equal(pd.concat(parts, ignore_index=True), whole)
+    for part in parts:  # each part holds whole images
+        assert not set(part["image_id"]) & set().union(
+            *(set(other["image_id"]) for other in parts if other is not part)
+        )
+    counts = PairCounts()
+    for part in parts:
+        counts.add(part)
+    assert made.summary(counts) == paired.summary
+
+
+def test_pairs_of_image_batches_of_the_shipped_sample_are_the_whole_table_result() -> None:
+    from grounding.data.formats import dataset_format
+    from grounding.data.tables import build_tables
+    from grounding.io import present_files
+
+    root = Path(__file__).resolve().parents[2] / "data" / "sample"
+    reader = dataset_format("flickr30k").open(root, splits=root)
+    parsed = build_tables(reader, present_files(root / "images"), reader.skipped)
+    t = parsed
+    made = pairing(t.images, t.phrases, t.boxes, t.chain_boxes, annotated(t))
+    parts = list(made.batches(pos_iou=0.5, batch_images=7))
+    whole = build_pairs(made.candidates, made.ground_truth, pos_iou=0.5)
+    pd.testing.assert_frame_equal(pd.concat(parts, ignore_index=True), whole)

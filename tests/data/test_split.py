@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from grounding.data.split import assign_splits, oversample_positives, split_pairs, split_summary
+from grounding.data.split import (
+    SplitCounts,
+    assign_image_splits,
+    assign_splits,
+    image_pair_counts,
+    oversample_positives,
+    split_pairs,
+    split_parts,
+    split_summary,
+)
 from grounding.errors import DataError
 
 
@@ -283,3 +293,53 @@ def test_split_summary_hand_counts() -> None:
         },
         "none": {"images": 1},
     }
+
+
+# --- split part by part ----------------------------------------------------------------------
+
+
+def test_image_pair_counts_add_up_over_parts_that_cut_an_image() -> None:
+    pairs = synthetic_pairs(30, seed=5)
+    whole = image_pair_counts([pairs])
+    cuts = [0, 7, 50, 51, 200, len(pairs)]
+    parts = [pairs.iloc[a:b] for a, b in itertools.pairwise(cuts)]
+    pd.testing.assert_frame_equal(image_pair_counts(parts), whole)
+    rate = pairs.groupby("image_id")["label"].mean()
+    np.testing.assert_array_equal(whole["positives"] / whole["pairs"], rate.to_numpy())
+
+
+@pytest.mark.parametrize("strategy", ["official", "random"])
+def test_assign_image_splits_from_counts_is_assign_splits(strategy: str) -> None:
+    pairs = synthetic_pairs(120, seed=6)
+    images = images_of(pairs).assign(split=lambda t: np.where(t.index % 5 == 0, "val", "train"))
+    settings = dict(strategy=strategy, val_fraction=0.2, test_fraction=0.1, seed=3)
+    from_pairs = assign_splits(images, pairs, **settings)
+    from_counts = assign_image_splits(images, image_pair_counts([pairs]), **settings)
+    pd.testing.assert_series_equal(from_counts, from_pairs)
+
+
+def test_split_parts_give_the_split_pairs_of_the_whole_table() -> None:
+    pairs = synthetic_pairs(80, seed=7)
+    split_of_image = random_split(pairs)
+    whole = split_pairs(pairs, split_of_image, train_pos_share=0.5, seed=4)
+    counts = image_pair_counts([pairs])
+    cuts = np.r_[
+        0, np.sort(np.random.default_rng(0).choice(len(pairs), 6, replace=False)), len(pairs)
+    ]
+    parts = [pairs.iloc[a:b] for a, b in itertools.pairwise(cuts)]
+    streamed = list(split_parts(parts, split_of_image, counts, train_pos_share=0.5, seed=4))
+    for name in ("train", "val", "test"):
+        joined = pd.concat([part[name] for part in streamed], ignore_index=True)
+        pd.testing.assert_frame_equal(joined, whole[name])
+    train = whole["train"]
+    # each copy right after its row: the rows keep the pairs' order, images consecutive
+    order = train["phrase_id"].to_numpy() * 10_000 + train["region_id"].to_numpy()
+    assert (np.diff(order) >= 0).all()
+    # the same multiset as balancing the training table at once (shuffled there)
+    natural = pairs[pairs["image_id"].map(split_of_image) == "train"]
+    at_once = oversample_positives(natural, positive_share=0.5, rng=np.random.default_rng(4))
+    assert row_counts(train) == row_counts(at_once)
+    counted = SplitCounts()
+    for name, table in whole.items():
+        counted.add(name, table)
+    assert counted.summary(split_of_image) == split_summary(whole, split_of_image)

@@ -316,3 +316,48 @@ def test_writable_checks_create_nothing_and_name_the_option(tmp_path: Path) -> N
     with pytest.raises(DataError, match=r"^--out .*: a folder, not a file"):
         io.check_writable_file(tmp_path, "--out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+# --- tables in parts --------------------------------------------------------------------------
+
+
+def image_rows() -> pd.DataFrame:
+    images = ["b", "b", "b", "a", "c", "c", "d"]
+    return pd.DataFrame({"image_id": images, "value": np.arange(len(images), dtype=np.int64)})
+
+
+def test_tables_written_in_parts_read_back_whole_and_in_parts(tmp_path: Path) -> None:
+    table = image_rows()
+    with io.table_writers(tmp_path, {"rows": table.iloc[:0], "none": table.iloc[:0]}) as writers:
+        for start in range(0, len(table), 3):
+            writers["rows"].write(table.iloc[start : start + 3])
+    pd.testing.assert_frame_equal(io.read_table(tmp_path / "rows.parquet"), table)
+    assert io.table_rows(tmp_path / "rows.parquet") == len(table)
+    assert len(io.read_table(tmp_path / "none.parquet")) == 0  # no part: the empty table
+    assert list(io.empty_table(tmp_path / "rows.parquet").columns) == ["image_id", "value"]
+    parts = list(io.read_table_parts(tmp_path / "rows.parquet", ["value"], rows=2))
+    assert [len(part) for part in parts] == [2, 2, 2, 1]
+    # whole images per part, however the rows fall: b's three rows stay together
+    whole = list(io.read_image_parts(tmp_path / "rows.parquet", rows=2))
+    assert [part["image_id"].tolist() for part in whole] == [
+        ["b", "b", "b"],
+        ["a"],
+        ["c", "c"],
+        ["d"],
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["none.parquet", "rows.parquet"]
+
+
+def test_a_failed_part_writes_no_table(tmp_path: Path) -> None:
+    table = image_rows()
+    with pytest.raises(RuntimeError), io.table_writers(tmp_path, {"rows": table}) as writers:
+        writers["rows"].write(table)
+        raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_image_parts_refuse_an_image_whose_rows_are_apart(tmp_path: Path) -> None:
+    table = pd.DataFrame({"image_id": ["a", "b", "a"], "value": [0, 1, 2]})
+    io.write_table(table, tmp_path / "rows.parquet")
+    with pytest.raises(DataError, match="not consecutive"):
+        list(io.read_image_parts(tmp_path / "rows.parquet", rows=1))

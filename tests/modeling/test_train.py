@@ -11,7 +11,7 @@ from grounding.errors import ConfigError
 from grounding.evaluation.metrics import phrase_ranks, recall_at_k
 from grounding.modeling.head import MatchingHead
 from grounding.modeling.scoring import PairFeatures, score_pairs
-from grounding.modeling.train import phrase_groups, train_head
+from grounding.modeling.train import TrainingPairs, phrase_groups, train_head
 
 SETTINGS = dict(
     head="matching",
@@ -149,3 +149,84 @@ def test_on_epoch_receives_each_row_of_the_history() -> None:
         features, pairs, pairs, pos_weight=1.0, **{**SETTINGS, "epochs": 3}, on_epoch=rows.append
     )
     assert pd.DataFrame(rows).equals(result.history)
+
+
+# --- training groups built per batch ---------------------------------------------------------
+
+
+def dense_phrase_groups(features: PairFeatures, pairs: pd.DataFrame) -> tuple[np.ndarray, ...]:
+    """The groups as the training loop built them before it streamed: one groupby over every
+    pair into dense arrays of all phrases (the reference the per-batch groups must equal)."""
+    counted = (
+        pairs.groupby(["phrase_id", "region_id"], sort=True)
+        .agg(image_id=("image_id", "first"), label=("label", "first"), count=("label", "size"))
+        .reset_index()
+    )
+    region_rows, phrase_rows = features.rows(counted)
+    column = counted.groupby("phrase_id", sort=True).cumcount().to_numpy()
+    row = pd.factorize(counted["phrase_id"], sort=True)[0]
+    shape = (row.max() + 1, column.max() + 1)
+    regions, labels, counts = np.zeros(shape, np.int64), np.zeros(shape), np.zeros(shape)
+    regions[row, column] = region_rows
+    labels[row, column] = counted["label"].to_numpy()
+    counts[row, column] = counted["count"].to_numpy()
+    phrases, images = np.zeros(shape[0], np.int64), np.zeros(shape[0], np.int64)
+    phrases[row] = phrase_rows
+    images[row] = pd.factorize(counted["image_id"])[0]
+    return regions, labels, counts, phrases, images
+
+
+def uneven_pairs(seed: int) -> tuple[PairFeatures, pd.DataFrame]:
+    """Images with 1-3 phrases of 2-6 candidates each, positives repeated 1-3 times, the images
+    in shuffled id order (image codes follow the first phrase, not the id)."""
+    rng = np.random.default_rng(seed)
+    rows, phrase_id, region_id = [], 0, 0
+    for image in rng.permutation(12):
+        n_regions = int(rng.integers(2, 7))
+        for _ in range(int(rng.integers(1, 4))):
+            for region in range(n_regions - int(rng.integers(0, 2))):
+                label = int(rng.random() < 0.3)
+                for _ in range(1 + label * int(rng.integers(0, 3))):
+                    rows.append((phrase_id, region_id + region, f"img{image}", 0.9 * label, label))
+            phrase_id += 1
+        region_id += n_regions
+    pairs = pd.DataFrame(rows, columns=["phrase_id", "region_id", "image_id", "iou", "label"])
+    features = PairFeatures(
+        rng.normal(size=(region_id, 5)).astype(np.float32),
+        rng.normal(size=(phrase_id, 3)).astype(np.float32),
+        pd.Series(rng.permutation(phrase_id), index=np.arange(phrase_id)),
+    )
+    return features, pairs
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_training_pairs_in_image_parts_give_the_dense_groups_batch_by_batch(seed: int) -> None:
+    features, pairs = uneven_pairs(seed)
+    regions, labels, counts, phrases, images = dense_phrase_groups(features, pairs)
+    # parts of whole images, as the train stage reads them, in the file's (shuffled) order
+    parts = [part for _, part in pairs.groupby("image_id", sort=False)]
+    training = TrainingPairs.from_parts(features, parts[::-1])
+    np.testing.assert_array_equal(training.images, images)
+    assert training.width == regions.shape[1]
+    batches = np.array_split(np.random.default_rng(seed).permutation(len(phrases)), 4)
+    for chosen in batches:
+        groups = training.groups(chosen)
+        np.testing.assert_array_equal(groups.regions, regions[chosen])
+        np.testing.assert_array_equal(groups.labels, labels[chosen])
+        np.testing.assert_array_equal(groups.counts, counts[chosen])
+        np.testing.assert_array_equal(groups.phrases, phrases[chosen])
+        np.testing.assert_array_equal(groups.images, images[chosen])
+
+
+def test_training_on_training_pairs_equals_training_on_the_table() -> None:
+    features, pairs = toy_problem(60, seed=3)
+    train, val = pairs[pairs["phrase_id"] < 48], pairs[pairs["phrase_id"] >= 48]
+    settings = {**SETTINGS, "epochs": 2, "rank_weight": 1.0}
+    table = train_head(features, train, val, pos_weight=2.0, **settings)
+    parts = [part for _, part in train.groupby("image_id", sort=False)]
+    streamed = train_head(
+        features, TrainingPairs.from_parts(features, parts), val, pos_weight=2.0, **settings
+    )
+    pd.testing.assert_frame_equal(table.history, streamed.history)
+    for name, tensor in table.model.state_dict().items():
+        assert torch.equal(tensor, streamed.model.state_dict()[name])

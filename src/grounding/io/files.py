@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -119,11 +119,12 @@ def write_table(table: pd.DataFrame, path: Path) -> None:
         table.to_parquet(tmp, index=False)
 
 
-def read_table(path: Path) -> pd.DataFrame:
+def read_table(path: Path, columns: Sequence[str] | None = None) -> pd.DataFrame:
+    """A parquet table (only ``columns``, if given)."""
     require(path)
     import pandas as pd
 
-    return pd.read_parquet(path)
+    return pd.read_parquet(path, columns=list(columns) if columns else None)
 
 
 def write_csv(table: pd.DataFrame, path: Path) -> None:
@@ -171,6 +172,130 @@ def write_tables(tables: Mapping[str, pd.DataFrame], folder: Path) -> None:
         if new_folder and folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
         raise
+
+
+class TableWriter:
+    """Writes one parquet table in parts (each part one row group or more), so a table larger
+    than memory can be written; made by :func:`table_writers`. Every part is cast to the first
+    part's column types."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows = 0
+        self._writer: Any = None
+
+    def write(self, part: pd.DataFrame) -> None:
+        """Append ``part`` (the same columns as every other part)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.Table.from_pandas(part, preserve_index=False)
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(self.path, table.schema)
+        else:
+            table = table.cast(self._writer.schema)
+        self._writer.write_table(table)
+        self.rows += len(part)
+
+    def close(self, empty: pd.DataFrame) -> None:
+        """Finish the file; with no part written, write ``empty`` (the columns, no rows)."""
+        if self._writer is None:
+            empty.to_parquet(self.path, index=False)
+        else:
+            self._writer.close()
+
+    def abort(self) -> None:
+        """Close the file without finishing the table (it is then removed)."""
+        if self._writer is not None:
+            self._writer.close()
+
+
+@contextmanager
+def table_writers(
+    folder: Path, empty: Mapping[str, pd.DataFrame]
+) -> Iterator[dict[str, TableWriter]]:
+    """A :class:`TableWriter` for each ``<folder>/<name>.parquet`` of ``empty`` (name -> the
+    table's columns with no rows, written when no part is): all of the tables or none appear,
+    as with :func:`write_tables`."""
+    with contextlib.ExitStack() as stack:
+        writers = {
+            name: TableWriter(stack.enter_context(atomic(folder / f"{name}.parquet")))
+            for name in empty
+        }
+        try:
+            yield writers
+        except BaseException:
+            for writer in writers.values():
+                writer.abort()
+            raise
+        for name, writer in writers.items():
+            writer.close(empty[name])
+
+
+def table_rows(path: Path) -> int:
+    """The number of rows of a parquet table, from its metadata."""
+    import pyarrow.parquet as pq
+
+    require(path)
+    return int(pq.ParquetFile(path).metadata.num_rows)
+
+
+def empty_table(path: Path) -> pd.DataFrame:
+    """A parquet table's columns and types, with no rows (read from its schema)."""
+    import pyarrow.parquet as pq
+
+    require(path)
+    return pq.read_schema(path).empty_table().to_pandas()
+
+
+def read_table_parts(
+    path: Path, columns: Sequence[str] | None = None, rows: int = 1 << 20
+) -> Iterator[pd.DataFrame]:
+    """A parquet table in consecutive parts of at most ``rows`` rows (only ``columns``, if
+    given): memory bounded by a part."""
+    import pyarrow.parquet as pq
+
+    require(path)
+    table = pq.ParquetFile(path)
+    for batch in table.iter_batches(batch_size=rows, columns=list(columns) if columns else None):
+        yield batch.to_pandas()
+
+
+def read_image_parts(
+    path: Path, columns: Sequence[str] | None = None, rows: int = 1 << 20
+) -> Iterator[pd.DataFrame]:
+    """A parquet table whose rows come image by image (each image's rows consecutive), in
+    parts of whole images of about ``rows`` rows (more when one image has more): for work
+    that needs all of an image's rows at once. ``columns`` must include ``image_id``.
+    :class:`DataError` when an image's rows are not consecutive."""
+    import pandas as pd
+
+    seen: set[str] = set()
+    carry: pd.DataFrame | None = None
+    for part in read_table_parts(path, columns, rows):
+        if carry is not None:
+            part = pd.concat([carry, part], ignore_index=True)
+        images = part["image_id"].to_numpy()
+        last = images[-1] if len(images) else None
+        tail = np.flatnonzero(images != last)
+        cut = int(tail[-1]) + 1 if len(tail) else 0
+        head, carry = part.iloc[:cut].reset_index(drop=True), part.iloc[cut:]
+        if len(head):
+            yield _whole_images(head, seen, path)
+    if carry is not None and len(carry):
+        yield _whole_images(carry.reset_index(drop=True), seen, path)
+
+
+def _whole_images(part: pd.DataFrame, seen: set[str], path: Path) -> pd.DataFrame:
+    images = part["image_id"].to_numpy()
+    starts = np.r_[True, images[1:] != images[:-1]]
+    first_rows = images[starts]
+    if len(set(first_rows)) < len(first_rows) or not seen.isdisjoint(first_rows):
+        raise DataError(
+            f"{path}: an image's rows are not consecutive; rerun the stage that wrote it"
+        )
+    seen.update(first_rows)
+    return part
 
 
 def read_tables(folder: Path, names: tuple[str, ...]) -> dict[str, pd.DataFrame]:

@@ -7,6 +7,7 @@ training, the threshold sweep, the report and the grounder all score through it.
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -104,6 +105,16 @@ class PairFeatures:
             torch.from_numpy(np.ascontiguousarray(self.phrases[phrase_rows])).to(device),
         )
 
+    def release_pages(self) -> None:
+        """Hand back to the kernel the pages of memory-mapped features read so far: they stay
+        in the page cache (a later read is fast) but leave this process's resident memory, so
+        reading every region's features once per epoch never makes it hold the whole file.
+        Arrays in memory are left alone."""
+        for array in (self.regions, self.phrases):
+            mapping = getattr(array, "_mmap", None)  # set by numpy.memmap (np.load mmap_mode)
+            if mapping is not None:
+                mapping.madvise(mmap.MADV_DONTNEED)
+
     def logits(self, head: Head, region_rows: np.ndarray, phrase_rows: np.ndarray) -> torch.Tensor:
         """:func:`pair_logits` of the pairs of feature rows ``(B,), (B,)``, each distinct row
         gathered and embedded once (on the head's device)."""
@@ -136,10 +147,12 @@ def score_pairs(
     """Probabilities ``(N,)`` that each pair matches (sigmoid of the head's logits), computed
     where the head's weights are."""
     head.eval()
-    scores = [
-        torch.sigmoid(features.logits(head, region_rows, phrase_rows)).cpu().numpy()
-        for region_rows, phrase_rows in features.chunks(pairs, chunk_size)
-    ]
+    scores = []
+    for index, (region_rows, phrase_rows) in enumerate(features.chunks(pairs, chunk_size)):
+        scores.append(torch.sigmoid(features.logits(head, region_rows, phrase_rows)).cpu().numpy())
+        if index % 256 == 255:  # every million pairs or so: memory bounded by the chunks
+            features.release_pages()
+    features.release_pages()
     return np.concatenate(scores) if scores else np.empty(0, dtype=np.float32)
 
 
