@@ -23,6 +23,9 @@ from grounding.errors import ConfigError, DataError, run
 if TYPE_CHECKING:
     from grounding.inference.grounder import Grounder
 
+#: What ``dvc repro`` writes and ``grounding predict`` loads by default.
+TRAINED_GROUNDER = Path("models/grounder.safetensors")
+
 
 def _sample(args: argparse.Namespace) -> None:
     from grounding.data.sample import generate_sample
@@ -48,7 +51,7 @@ def _predict(args: argparse.Namespace) -> None:
         raise DataError(f"--out {args.out}: the picture must be one of {io.FIGURE_FORMATS}")
     image = io.read_image(args.image)  # before the model: a bad image fails fast
     started = time.perf_counter()
-    grounder = load_grounder(args.model)
+    grounder = load_grounder(_model_or_pretrained(args.model))
     loaded = time.perf_counter()
     proposals = grounder.proposer(None if args.no_cache else io.ProposalCache(args.cache))
     found = grounder.ground(image, phrases, top_k=args.top_k, proposals=proposals)
@@ -111,6 +114,26 @@ def _convert(args: argparse.Namespace) -> None:
         left_out["records that break the format (--skip-bad-files)"] = len(reader.skipped)
     for reason, count in left_out.items():
         print(f"left out: {count:,} {reason}")
+
+
+def _model_or_pretrained(model: str | None, trained: Path = TRAINED_GROUNDER) -> str:
+    """``--model`` when given, else the pipeline's trained grounder when it exists, else the
+    packaged one (said on stderr: its boxes come from a model the user did not train)."""
+    if model is not None:
+        return model
+    if trained.exists():
+        return str(trained)
+    from grounding.inference.grounder import pretrained_path
+
+    packaged = pretrained_path()
+    if not packaged.is_file():
+        raise DataError(f"no --model given, no {trained} and no packaged grounder; train one")
+    print(
+        f"no --model given and no {trained}: using the packaged grounder trained on real "
+        "Flickr30k images (non-commercial research terms; README 'Packaged grounder')",
+        file=sys.stderr,
+    )
+    return str(packaged)
 
 
 def load_grounder(model: str) -> Grounder:
@@ -183,9 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--phrases-file", type=Path, help="a file of phrases, one per line")
     predict.add_argument(
         "--model",
-        default="models/grounder.safetensors",
         help="grounder weights file, pyfunc model folder, or MLflow URI "
-        "(runs:/<run id>/grounder, models:/phrase-grounder/<version>); default %(default)s",
+        "(runs:/<run id>/grounder, models:/phrase-grounder/<version>); default "
+        f"{TRAINED_GROUNDER}, or the packaged Flickr30k grounder when that does not exist",
     )
     predict.add_argument("--top-k", type=int, default=1, help="boxes per phrase (default 1)")
     predict.add_argument(

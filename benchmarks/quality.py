@@ -1,0 +1,196 @@
+r"""Where the grounding quality goes, and which training settings win it back, on a pipeline run.
+
+Reads a finished run's tables and cached features (``data/parsed``, ``data/pairs``,
+``data/split``, ``data/features`` of a repository where ``dvc repro`` ran, e.g. a scratch copy
+on the real images) and writes ``reports/quality-<name>.json`` / ``.md``:
+
+* near misses: for the test phrases, the best candidate IoU (>= 0.5: coverable; 0.3-0.5: a
+  near miss that box refinement could win; < 0.3), and for each head the IoU of its top-1 box
+  and the rank of its first positive;
+* each variant (train params as for ``dvc exp run -S train.<key>=<value>``) trained by the
+  pipeline's own training on the train pairs and scored on val and test: Recall@1/5/10 with
+  ANY-box and MERGED-box, and the upper bound.
+
+    python -m benchmarks.quality --run /tmp/real-proposals --name proposals-real \
+        --variant baseline --variant epochs=10 --variant head=matching_prior
+
+Only the head is trained here: features are read, never extracted, so a variant costs
+seconds to minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+
+from benchmarks import REPO
+from grounding import io
+from grounding.config import TrainParams, load_params
+from grounding.evaluation.metrics import merged_iou, phrase_ranks, recall_at_k, upper_bound
+from grounding.modeling.scoring import PairFeatures, score_pairs
+from grounding.modeling.train import train_head
+
+KS = (1, 5, 10)
+IOU_BINS = (0.0, 0.3, 0.5, 1.01)
+RANK_BINS = ((1, 1), (2, 5), (6, 10), (11, 10**9))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--run", type=Path, required=True, help="repository of a finished run")
+    parser.add_argument("--name", required=True, help="reports/quality-<name>.json and .md")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="'baseline' or train overrides 'key=value[,key=value]' (repeatable)",
+    )
+    parser.add_argument("--out", type=Path, default=REPO / "reports", help="folder to write to")
+    return parser.parse_args(argv)
+
+
+def recalls(pairs: pd.DataFrame, scores: np.ndarray, merged: np.ndarray) -> dict[str, float]:
+    """Recall@k ANY-box and MERGED-box (``merged_*``) and both upper bounds."""
+    out: dict[str, float] = {}
+    for prefix, iou in (("", None), ("merged_", merged)):
+        ranks = phrase_ranks(pairs, scores, iou)
+        out |= {f"{prefix}recall_at_{k}": recall_at_k(ranks, k) for k in KS}
+        out[f"{prefix}upper_bound"] = upper_bound(ranks)
+    out["phrases"] = int(pairs["phrase_id"].nunique())
+    return out
+
+
+def _shares(values: np.ndarray, bins: tuple[float, ...]) -> dict[str, float]:
+    counts, _ = np.histogram(values, bins=bins)
+    labels = [f"{lo:g}-{min(hi, 1.0):g}" for lo, hi in zip(bins[:-1], bins[1:], strict=True)]
+    return {label: float(c / len(values)) for label, c in zip(labels, counts, strict=True)}
+
+
+def near_misses(pairs: pd.DataFrame, scores: np.ndarray | None = None) -> dict:
+    """Shares of test phrases by their best candidate's IoU (the bound), and with ``scores`` by
+    their top-1 candidate's IoU and by the rank of the first positive (0: none)."""
+    table = pairs[["phrase_id", "iou"]].assign(score=0.0 if scores is None else scores)
+    best = table.groupby("phrase_id")["iou"].max().to_numpy()
+    out: dict = {"best_candidate_iou": _shares(best, IOU_BINS)}
+    if scores is None:
+        return out
+    top = table.sort_values(["phrase_id", "score"], ascending=[True, False])
+    top1 = top.groupby("phrase_id")["iou"].first().to_numpy()
+    out["top1_iou"] = _shares(top1, IOU_BINS)
+    ranks = phrase_ranks(pairs, scores)["hit_rank"].to_numpy()
+    out["first_positive_rank"] = {
+        f"{lo}-{hi}" if hi < 10**9 else f">{lo - 1}": float(np.mean((ranks >= lo) & (ranks <= hi)))
+        for lo, hi in RANK_BINS
+    } | {"none": float(np.mean(ranks == 0))}
+    # the misses at rank 1 whose top box is a near miss: what refining the box could recover
+    out["top1_near_miss_share"] = float(np.mean((top1 >= 0.3) & (top1 < 0.5)))
+    return out
+
+
+def parse_variant(text: str) -> dict[str, object]:
+    if text == "baseline":
+        return {}
+    return {
+        key.strip(): yaml.safe_load(value)
+        for key, value in (item.split("=", 1) for item in text.split(","))
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    run = args.run
+    params = load_params(run / "params.yaml")
+    *arrays, meta = io.read_features(run / "data" / "features")
+    features = PairFeatures.from_arrays(*arrays)
+    split = {name: io.read_table(run / "data" / "split" / f"{name}.parquet") for name in
+             ("train", "val", "test")}
+    paired = io.read_tables(run / "data" / "pairs", ("candidates", "ground_truth"))
+    merged = {
+        name: merged_iou(split[name], paired["candidates"], paired["ground_truth"])
+        for name in ("val", "test")
+    }
+    results: dict = {
+        "run": str(run),
+        "features": meta.to_dict(),
+        "candidates": params.pair.candidates,
+        "split": asdict(params.split),
+        "train_images": int(split["train"]["image_id"].nunique()),
+        "near_misses": near_misses(split["test"]),
+        "variants": [],
+    }
+    torch.set_num_threads(params.train.threads)
+    for text in args.variant or ["baseline"]:
+        overrides = parse_variant(text)
+        settings: TrainParams = replace(params.train, **overrides)
+        kwargs = asdict(settings)
+        kwargs.pop("threads")
+        start = time.perf_counter()
+        trained = train_head(features, split["train"], split["val"], **kwargs)
+        seconds = time.perf_counter() - start
+        row: dict = {"variant": text, "train": kwargs, "seconds": seconds}
+        row["history_val_recall_at_1"] = trained.history["val_recall_at_1"].round(4).tolist()
+        for name in ("val", "test"):
+            scores = score_pairs(trained.model, features, split[name])
+            row[name] = recalls(split[name], scores, merged[name])
+            if name == "test":
+                row["near_misses"] = near_misses(split[name], scores)
+        results["variants"].append(row)
+        print(json.dumps({"variant": text, "val": row["val"], "test": row["test"]}), flush=True)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"quality-{args.name}.json").write_text(json.dumps(results, indent=2) + "\n")
+        (args.out / f"quality-{args.name}.md").write_text(markdown(results, args.name))
+
+
+def markdown(results: dict, name: str) -> str:
+    bounds = results["near_misses"]["best_candidate_iou"]
+    lines = [
+        f"# Quality levers: {name}",
+        "",
+        f"Rebuilt by `python -m benchmarks.quality --run <run> --name {name} --variant ...` on",
+        f"a run with `pair.candidates={results['candidates']}`, split `{results['split']}`,",
+        f"{results['train_images']} training images. Heads trained by the pipeline's training;",
+        "val and test phrases never trained on. ANY: a hit on any of the phrase's boxes; MERGED:",
+        "on their union.",
+        "",
+        "Test phrases by their best candidate's IoU: "
+        + ", ".join(f"{k}: {v:.3f}" for k, v in bounds.items()),
+        "",
+        "| variant | val R@1 | test R@1 | R@5 | R@10 | bound | MERGED R@1 | R@5 | R@10 | bound "
+        "| top-1 IoU 0.3-0.5 | first hit > 10 | s |",
+        "|---|" + "---|" * 12,
+    ]
+    for row in results["variants"]:
+        test, near = row["test"], row["near_misses"]
+        cells = [
+            row["val"]["recall_at_1"],
+            test["recall_at_1"],
+            test["recall_at_5"],
+            test["recall_at_10"],
+            test["upper_bound"],
+            test["merged_recall_at_1"],
+            test["merged_recall_at_5"],
+            test["merged_recall_at_10"],
+            test["merged_upper_bound"],
+            near["top1_near_miss_share"],
+            near["first_positive_rank"][">10"],
+        ]
+        lines.append(
+            f"| {row['variant']} | "
+            + " | ".join(f"{v:.3f}" for v in cells)
+            + f" | {row['seconds']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
