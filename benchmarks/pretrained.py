@@ -85,10 +85,7 @@ def params_for(params: dict, data: Path, proposals: Path) -> dict:
 def build(work: Path, data: Path, proposals: Path) -> tuple[dict, float]:
     """Run the pipeline in ``work`` (a fresh scratch repository when it has no params.yaml);
     return the test metrics and the seconds taken."""
-    if (work / "params.yaml").exists():
-        env = scratch_env(work)
-    else:
-        env = scratch_repo(work)
+    env = scratch_env(work) if (work / "params.yaml").exists() else scratch_repo(work)
     params = yaml.safe_load((work / "params.yaml").read_text())
     (work / "params.yaml").write_text(
         yaml.safe_dump(params_for(params, data, proposals), sort_keys=False)

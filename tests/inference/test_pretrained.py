@@ -27,8 +27,9 @@ def annotated_phrases(image_id: str) -> dict[str, np.ndarray]:
     """Each distinct phrase of the image's captions that has boxes -> its boxes ``(B, 4)``."""
     with zipfile.ZipFile(SHARED_DATA / "annotations.zip") as archive:
         names = (f"Annotations/{image_id}.xml", f"Sentences/{image_id}.txt")
-        files = AnnotationFiles(image_id, archive.read(names[0]), names[0],
-                                archive.read(names[1]), names[1])
+        files = AnnotationFiles(
+            image_id, archive.read(names[0]), names[0], archive.read(names[1]), names[1]
+        )
     record = parse_files(files, None)
     entities = {entity.entity_id: entity.box_ids for entity in record.entities}
     phrases: dict[str, np.ndarray] = {}
@@ -49,7 +50,9 @@ def test_the_packaged_grounder_finds_most_phrases_of_a_held_out_real_photo() -> 
     truth = annotated_phrases(IMAGE_ID)
     found = grounder.ground(io.read_image(IMAGE), list(truth), top_k=1)
     ious = {
-        grounding.phrase: float(box_iou(np.array([grounding.boxes[0].box]), truth[grounding.phrase]).max())
+        grounding.phrase: float(
+            box_iou(np.array([grounding.boxes[0].box]), truth[grounding.phrase]).max()
+        )
         for grounding in found
     }
     hits = [phrase for phrase, iou in ious.items() if iou >= 0.5]

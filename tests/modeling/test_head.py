@@ -41,7 +41,7 @@ def scores(head: MatchingHead, regions: torch.Tensor, phrases: torch.Tensor) -> 
 
 
 def test_the_heads_are_registered() -> None:
-    assert HEADS == {"matching": MatchingHead, "matching_prior": PriorMatchingHead}
+    assert dict(HEADS) == {"matching": MatchingHead, "matching_prior": PriorMatchingHead}
     head = build_head("matching", CONFIG)
     assert isinstance(head, MatchingHead) and head.config == CONFIG
     assert head_name(head) == "matching"
