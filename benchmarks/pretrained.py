@@ -10,8 +10,9 @@ quality levers chose), then copies the run's ``models/grounder.safetensors`` to
 falls back to) and writes its held-out test metrics, size and MD5 to
 ``reports/pretrained-flickr30k.json`` and ``.md``.
 
-The file is reproduced byte for byte: every stage is seeded, training runs on one thread and
-safetensors bytes depend only on the values (checked by building it twice, see the README).
+The file is reproduced byte for byte: every stage is seeded, every stage runs on one thread
+(``OMP_NUM_THREADS=1``) and safetensors bytes depend only on the values (checked by building
+it twice, see the README).
 Selective search is the slow part (about 1 s per image on an idle core); its boxes are cached
 per image in ``--proposals`` (default ``data/proposals`` of this checkout, the pipeline's own
 cache), so a rebuild reuses them without changing a byte. The images are Flickr30k's: the
@@ -86,6 +87,9 @@ def build(work: Path, data: Path, proposals: Path) -> tuple[dict, float]:
     """Run the pipeline in ``work`` (a fresh scratch repository when it has no params.yaml);
     return the test metrics and the seconds taken."""
     env = scratch_env(work) if (work / "params.yaml").exists() else scratch_repo(work)
+    # one thread everywhere: the bytes of the features may depend on the thread count, and on a
+    # busy machine two threads ran the features stage about 10x slower than one
+    env |= {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     params = yaml.safe_load((work / "params.yaml").read_text())
     (work / "params.yaml").write_text(
         yaml.safe_dump(params_for(params, data, proposals), sort_keys=False)

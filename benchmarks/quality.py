@@ -35,9 +35,9 @@ import yaml
 from benchmarks import REPO
 from grounding import io
 from grounding.boxes import BOX_COLUMNS, aligned_iou, box_iou
-from grounding.config import TrainParams, load_params
+from grounding.config import load_params
 from grounding.evaluation.metrics import merged_iou, phrase_ranks, recall_at_k, upper_bound
-from grounding.modeling.scoring import PairFeatures, score_pairs
+from grounding.modeling.scoring import PairFeatures, TrainedHead, score_pairs
 from grounding.modeling.train import train_head
 
 KS = (1, 5, 10)
@@ -55,7 +55,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--variant",
         action="append",
         default=[],
-        help="'baseline' or train overrides 'key=value[,key=value]' (repeatable)",
+        help="'baseline', train overrides 'key=value[,key=value]', or "
+        "'model=models/head.safetensors' (the run's own head, scored untrained); repeatable",
     )
     parser.add_argument(
         "--refine", action="store_true", help="also try box refinement on each variant's top-1"
@@ -247,17 +248,19 @@ def main(argv: list[str] | None = None) -> None:
     }
     torch.set_num_threads(params.train.threads)
     for text in args.variant or ["baseline"]:
-        overrides = parse_variant(text)
-        settings: TrainParams = replace(params.train, **overrides)
-        kwargs = asdict(settings)
-        kwargs.pop("threads")
         start = time.perf_counter()
-        trained = train_head(features, split["train"], split["val"], **kwargs)
-        seconds = time.perf_counter() - start
-        row: dict = {"variant": text, "train": kwargs, "seconds": seconds}
-        row["history_val_recall_at_1"] = trained.history["val_recall_at_1"].round(4).tolist()
+        if text.startswith("model="):  # a head the run trained already: score it, no training
+            model = TrainedHead.from_weights(*io.read_weights(run / text.split("=", 1)[1])).head
+            row: dict = {"variant": text, "train": asdict(params.train), "seconds": 0.0}
+        else:
+            kwargs = asdict(replace(params.train, **parse_variant(text)))
+            kwargs.pop("threads")
+            trained = train_head(features, split["train"], split["val"], **kwargs)
+            model = trained.model
+            row = {"variant": text, "train": kwargs, "seconds": time.perf_counter() - start}
+            row["history_val_recall_at_1"] = trained.history["val_recall_at_1"].round(4).tolist()
         for name in ("val", "test"):
-            scores = score_pairs(trained.model, features, split[name])
+            scores = score_pairs(model, features, split[name])
             row[name] = recalls(split[name], scores, merged[name])
             if name == "test":
                 row["near_misses"] = near_misses(split[name], scores)
