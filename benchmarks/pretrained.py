@@ -86,7 +86,14 @@ def params_for(params: dict, data: Path, proposals: Path) -> dict:
 def build(work: Path, data: Path, proposals: Path) -> tuple[dict, float]:
     """Run the pipeline in ``work`` (a fresh scratch repository when it has no params.yaml);
     return the test metrics and the seconds taken."""
-    env = scratch_env(work) if (work / "params.yaml").exists() else scratch_repo(work)
+    if (work / "params.yaml").exists():  # a kept folder: this checkout's code, its data kept
+        env = scratch_env(work)
+        for name in ("src", "stages"):
+            shutil.rmtree(work / name)
+            shutil.copytree(REPO / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copy2(REPO / "dvc.yaml", work / "dvc.yaml")
+    else:
+        env = scratch_repo(work)
     # one thread everywhere: the bytes of the features may depend on the thread count, and on a
     # busy machine two threads ran the features stage about 10x slower than one
     env |= {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}

@@ -59,6 +59,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "'model=models/head.safetensors' (the run's own head, scored untrained); repeatable",
     )
     parser.add_argument(
+        "--cached",
+        nargs=2,
+        type=Path,
+        metavar=("REGIONS_NPZ", "PHRASES_NPZ"),
+        help="features cached by `benchmarks.features --compare --cache` instead of the run's",
+    )
+    parser.add_argument("--params", type=Path, help="params file (default: the run's)")
+    parser.add_argument(
         "--refine", action="store_true", help="also try box refinement on each variant's top-1"
     )
     parser.add_argument("--out", type=Path, default=REPO / "reports", help="folder to write to")
@@ -222,12 +230,29 @@ def parse_variant(text: str) -> dict[str, object]:
     }
 
 
+def cached_features(run: Path, regions: Path, phrases: Path) -> tuple[PairFeatures, str]:
+    """Features from ``benchmarks.features --compare --cache`` files instead of the run's: the
+    ``visual`` and ``geometry`` arrays of a regions file, rows of the run's candidates, and a
+    phrases file's embeddings of :func:`~grounding.modeling.text.distinct_phrases`."""
+    from grounding.modeling.text import distinct_phrases
+
+    arrays = np.load(regions)
+    _, phrase_rows = distinct_phrases(io.read_table(run / "data" / "pairs" / "phrases.parquet"))
+    features = PairFeatures.from_arrays(
+        np.hstack([arrays["visual"], arrays["geometry"]]), np.load(phrases)["phrases"], phrase_rows
+    )
+    return features, f"{regions.name} + {phrases.name}"
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     run = args.run
-    params = load_params(run / "params.yaml")
-    *arrays, meta = io.read_features(run / "data" / "features")
-    features = PairFeatures.from_arrays(*arrays)
+    params = load_params(args.params or run / "params.yaml")
+    if args.cached:
+        features, meta = cached_features(run, *args.cached)
+    else:
+        *arrays, meta = io.read_features(run / "data" / "features")
+        features = PairFeatures.from_arrays(*arrays)
     split = {
         name: io.read_table(run / "data" / "split" / f"{name}.parquet")
         for name in ("train", "val", "test")
@@ -239,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     results: dict = {
         "run": str(run),
-        "features": meta.to_dict(),
+        "features": meta if isinstance(meta, str) else meta.to_dict(),
         "candidates": params.pair.candidates,
         "split": asdict(params.split),
         "train_images": int(split["train"]["image_id"].nunique()),
