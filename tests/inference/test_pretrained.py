@@ -19,7 +19,7 @@ from grounding.boxes import box_iou
 from grounding.data.formats.flickr30k import AnnotationFiles, parse_files
 from grounding.inference.grounder import Grounder, pretrained_path
 
-IMAGE_ID = "PLACEHOLDER"
+IMAGE_ID = "2090723611"  # 13 distinct phrases; 12 found at rank 1 in the pipeline's report
 IMAGE = SHARED_DATA / "images" / f"{IMAGE_ID}.jpg"
 
 
