@@ -15,6 +15,7 @@ from conftest import jpeg_bytes
 from PIL import Image
 
 from grounding.cli import main as cli_main
+from grounding.inference import grounder as grounder_module
 from grounding.inference.grounder import grounder_weights
 from grounding.io import write_weights
 
@@ -193,14 +194,50 @@ def test_predict_reports_user_mistakes_in_one_line(
     assert last.startswith("error: ") and message in last, error
 
 
-def test_the_default_model_is_the_grounder_weights_file(
+def test_the_default_model_is_the_trained_grounder_when_there_is_one(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "x.jpg").write_bytes(jpeg_bytes(64, 64))
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "grounder.safetensors").write_bytes(b"not weights")
     with pytest.raises(SystemExit):
         cli_main(["predict", "x.jpg", "--phrase", "a"])
-    assert "models/grounder.safetensors: no model here" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "models/grounder.safetensors: not a model file" in error
+    assert "packaged" not in error
+
+
+def test_without_a_trained_grounder_predict_uses_the_packaged_one_and_says_so(
+    model: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(grounder_module, "pretrained_path", lambda: model)
+    stand_ins.two_shapes().save(tmp_path / "shapes.png")
+    cli_main(["predict", "shapes.png", "--phrase", "a red box", "--no-cache"])
+    captured = capsys.readouterr()
+    assert "using the packaged grounder trained on real Flickr30k images" in captured.err
+    assert json.loads(captured.out)["phrases"][0]["boxes"]
+
+
+def test_without_any_grounder_predict_says_how_to_get_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(grounder_module, "pretrained_path", lambda: tmp_path / "absent")
+    (tmp_path / "x.jpg").write_bytes(jpeg_bytes(64, 64))
+    with pytest.raises(SystemExit):
+        cli_main(["predict", "x.jpg", "--phrase", "a"])
+    assert "no --model given, no models/grounder.safetensors" in capsys.readouterr().err
+
+
+def test_the_packaged_grounder_is_package_data() -> None:
+    path = grounder_module.pretrained_path()
+    assert path.parts[-3:] == ("grounding", "pretrained", "flickr30k.safetensors")
+    assert path.is_file(), "build it with `python -m benchmarks.pretrained`"
 
 
 def test_predict_on_the_cpu_is_the_default_on_a_machine_without_a_gpu(

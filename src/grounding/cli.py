@@ -26,6 +26,9 @@ from grounding.inference.onnx_grounder import EXPORT_FORMATS
 if TYPE_CHECKING:
     from grounding.inference.grounder import Grounder
 
+#: What ``dvc repro`` writes and ``grounding predict`` loads by default.
+TRAINED_GROUNDER = Path("models/grounder.safetensors")
+
 
 def _sample(args: argparse.Namespace) -> None:
     from grounding.data.sample import generate_sample
@@ -57,7 +60,9 @@ def _predict(args: argparse.Namespace) -> None:
     image = io.read_image(args.image)  # before the model: a bad image fails fast
     check_device_spec(args.device, "--device")  # before the model: a bad name fails fast
     started = time.perf_counter()
-    grounder, out_of_memory_hint = _placed(load_grounder(args.model), args.device)
+    grounder, out_of_memory_hint = _placed(
+        load_grounder(_model_or_pretrained(args.model)), args.device
+    )
     loaded = time.perf_counter()
     proposals = grounder.proposer(None if args.no_cache else io.ProposalCache(args.cache))
     with out_of_memory_hint:
@@ -155,6 +160,26 @@ def _export(args: argparse.Namespace) -> None:
         f"wrote {args.format} export of {args.model} to {args.out}: {len(written)} files, "
         f"{size / 1e6:.1f} MB, {time.perf_counter() - started:.0f} s"
     )
+
+
+def _model_or_pretrained(model: str | None, trained: Path = TRAINED_GROUNDER) -> str:
+    """``--model`` when given, else the pipeline's trained grounder when it exists, else the
+    packaged one (said on stderr: its boxes come from a model the user did not train)."""
+    if model is not None:
+        return model
+    if trained.exists():
+        return str(trained)
+    from grounding.inference.grounder import pretrained_path
+
+    packaged = pretrained_path()
+    if not packaged.is_file():
+        raise DataError(f"no --model given, no {trained} and no packaged grounder; train one")
+    print(
+        f"no --model given and no {trained}: using the packaged grounder trained on real "
+        "Flickr30k images (non-commercial research terms; README: The packaged grounder)",
+        file=sys.stderr,
+    )
+    return str(packaged)
 
 
 def load_grounder(model: str) -> Grounder:
@@ -283,10 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--phrases-file", type=Path, help="a file of phrases, one per line")
     predict.add_argument(
         "--model",
-        default="models/grounder.safetensors",
         help="grounder weights file, pyfunc model folder, MLflow URI "
         "(runs:/<run id>/grounder, models:/phrase-grounder/<version>), or the folder of "
-        "`grounding export --format onnx` (fastest to start); default %(default)s",
+        "`grounding export --format onnx` (fastest to start); default "
+        f"{TRAINED_GROUNDER}, or the packaged Flickr30k grounder when that does not exist",
     )
     predict.add_argument(
         "--top-k", type=_positive_int, default=1, help="boxes per phrase, >= 1 (default 1)"

