@@ -420,3 +420,22 @@ def test_a_model_missing_from_an_existing_store_names_the_store(
         ["predict", "x.jpg", "--phrase", "a", "--model", "models:/phrase-grounder/1"], capsys
     )
     assert f"cannot load the model in the store {store}" in last and "not found" in last
+
+
+def test_a_separate_registry_is_named_and_the_tracking_uri_stays_a_uri(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlflow
+
+    store, registry = (f"sqlite:///{tmp_path / name}" for name in ("runs.db", "registry.db"))
+    for uri in (store, registry):
+        mlflow.MlflowClient(uri).search_experiments()  # creates the store's tables
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", registry)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "x.jpg").write_bytes(jpeg_bytes(64, 64))
+    last = _fails(
+        ["predict", "x.jpg", "--phrase", "a", "--model", "models:/phrase-grounder/1"], capsys
+    )
+    assert f"in the store {store} (registry {registry})" in last and "not found" in last
+    assert mlflow.get_tracking_uri() == store

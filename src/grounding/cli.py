@@ -212,15 +212,20 @@ def load_grounder(model: str) -> Grounder:
     try:
         loaded = mlflow.pyfunc.load_model(model)
     except (MlflowException, OSError) as error:
-        where = f" in the store {store}" if store else ""
+        registry = os.environ.get("MLFLOW_REGISTRY_URI")
+        named = (
+            f"{store} (registry {registry})" if store and registry not in (None, store) else store
+        )
+        where = f" in the store {named}" if store else ""
         raise DataError(f"{model}: cannot load the model{where} ({error})") from None
     return _grounder_of(loaded, model)
 
 
 def _model_store(model: str) -> str:
-    """The tracking store an MLflow model URI (``runs:/``, ``models:/``) is looked up in (that
-    of :mod:`grounding.tracking`, with ``MLFLOW_REGISTRY_URI`` when set); :class:`DataError`
-    naming it if it is a SQLite file that does not exist (MLflow would create an empty one)."""
+    """The tracking URI an MLflow model URI (``runs:/``, ``models:/``) is looked up in (that
+    of :mod:`grounding.tracking`); :class:`DataError` naming the file if it, or the
+    ``MLFLOW_REGISTRY_URI`` of a ``models:/`` URI, is a SQLite file that does not exist (MLflow
+    would create an empty one)."""
     from grounding import tracking
     from grounding.config import repo_root
 
@@ -234,7 +239,7 @@ def _model_store(model: str) -> str:
                     f"{model}: cannot load the model: no MLflow store at {database.absolute()} "
                     "(run from the repository that logged it, or set MLFLOW_TRACKING_URI)"
                 )
-    return uri if not registry or uri == registry else f"{uri} (registry {registry})"
+    return uri
 
 
 def _grounder_of(loaded: object, model: str) -> Grounder:
