@@ -32,7 +32,7 @@ from pathlib import Path
 import yaml
 
 from benchmarks import REPO, SHARED_DATA
-from benchmarks.scratch_repo import commit, run, scratch_repo
+from benchmarks.scratch_repo import commit, run, scratch_env, scratch_repo
 
 TARGET = REPO / "src" / "grounding" / "pretrained" / "flickr30k.safetensors"
 #: The params that differ from params.yaml: section -> {name: value}.
@@ -110,22 +110,6 @@ def build(work: Path, data: Path, proposals: Path) -> tuple[dict, float]:
     metrics = json.loads((work / "reports" / "metrics.json").read_text())
     details = json.loads((work / "reports" / "test.json").read_text())
     return {**metrics, "phrases": details.get("phrases")}, seconds
-
-
-def scratch_env(work: Path) -> dict[str, str]:
-    """The environment :func:`benchmarks.scratch_repo.scratch_repo` gives, for a kept folder."""
-    import os
-
-    return {
-        **os.environ,
-        "PYTHONPATH": str(work / "src"),
-        "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "GIT_AUTHOR_NAME": "scratch",
-        "GIT_AUTHOR_EMAIL": "scratch@localhost",
-        "GIT_COMMITTER_NAME": "scratch",
-        "GIT_COMMITTER_EMAIL": "scratch@localhost",
-    }
 
 
 def markdown(summary: dict) -> str:

@@ -44,7 +44,20 @@ def scratch_repo(work: Path) -> dict[str, str]:
             shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(source, target)
-    env = {
+    env = scratch_env(work)
+    for args in (
+        ["git", "init", "-q"],
+        ["dvc", "init", "-q"],
+        ["dvc", "config", "core.analytics", "false"],
+    ):
+        run(args, work, env)
+    commit(work, env, "project")
+    return env
+
+
+def scratch_env(work: Path) -> dict[str, str]:
+    """The environment to run commands in the scratch repository ``work``."""
+    return {
         **os.environ,
         # the copied package, not the install of this checkout: the code that runs is the code
         # whose hashes dvc.lock records, even while this checkout is being edited
@@ -58,14 +71,6 @@ def scratch_repo(work: Path) -> dict[str, str]:
         "GIT_COMMITTER_NAME": "scratch",
         "GIT_COMMITTER_EMAIL": "scratch@localhost",
     }
-    for args in (
-        ["git", "init", "-q"],
-        ["dvc", "init", "-q"],
-        ["dvc", "config", "core.analytics", "false"],
-    ):
-        run(args, work, env)
-    commit(work, env, "project")
-    return env
 
 
 def commit(work: Path, env: dict[str, str], message: str) -> None:
