@@ -6,6 +6,7 @@ them. The slow tests load the packaged models instead.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -136,6 +137,36 @@ def grounder(threshold: float = 0.5, seed: int = 0) -> Grounder:
         candidates="selective_search",
         settings=dict(SETTINGS),
     )
+
+
+def write_grounder(path: Path) -> Path:
+    """Write the weights file of :func:`trained_head` as a selective-search grounder to
+    ``path`` (loadable by name once :func:`install` ran); return ``path``."""
+    from grounding.inference.grounder import grounder_weights
+    from grounding.io import write_weights
+
+    weights = grounder_weights(
+        trained_head(), threshold=0.5, candidates="selective_search", settings=SETTINGS
+    )
+    write_weights(*weights, path)
+    return path
+
+
+def packaged_head() -> TrainedHead:
+    """An untrained head on the packaged models' features (EfficientNet-Lite0 with context at
+    224 px, all-MiniLM-L6-v2): for the plumbing around the real models, not their quality."""
+    meta = FeaturesMeta(
+        backbone="efficientnet-lite0",
+        backbone_weights=None,
+        text_encoder="all-minilm-l6-v2",
+        image_size=224,
+        context=True,
+        region_dim=2 * 1280 + 7,
+        phrase_dim=384,
+        regions=0,
+        phrases=0,
+    )
+    return TrainedHead(random_head(meta.region_dim, meta.phrase_dim, hidden=16), meta)
 
 
 def install(monkeypatch: pytest.MonkeyPatch) -> None:

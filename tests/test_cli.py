@@ -16,24 +16,12 @@ from PIL import Image
 
 from grounding.cli import main as cli_main
 from grounding.inference import grounder as grounder_module
-from grounding.inference.grounder import grounder_weights
-from grounding.io import write_weights
 
 
 @pytest.fixture
 def model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     stand_ins.install(monkeypatch)
-    path = tmp_path / "grounder.safetensors"
-    write_weights(
-        *grounder_weights(
-            stand_ins.trained_head(),
-            threshold=0.5,
-            candidates="selective_search",
-            settings=stand_ins.SETTINGS,
-        ),
-        path,
-    )
-    return path
+    return stand_ins.write_grounder(tmp_path / "grounder.safetensors")
 
 
 def test_predict_prints_json_and_draws(

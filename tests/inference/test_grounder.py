@@ -28,9 +28,7 @@ from grounding.inference.grounder import (
 )
 from grounding.io import ProposalCache, read_weights, write_weights
 from grounding.modeling.region_features import image_features
-from grounding.modeling.scoring import TrainedHead
 from grounding.modeling.text import encode_phrases
-from grounding.schemas import FeaturesMeta
 
 PHRASES = ["a red box", "a blue box", "grey"]
 BOXES = np.array([[20, 30, 90, 120], [140, 50, 220, 100], [0, 0, 240, 160], [100, 0, 130, 40]])
@@ -289,18 +287,8 @@ def test_a_head_file_is_not_a_grounder(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.slow
 def test_a_grounder_of_the_packaged_models_rebuilds_and_grounds(tmp_path: Path) -> None:
     """An untrained head on the packaged models' features: the plumbing, not the quality."""
-    meta = FeaturesMeta(
-        backbone="efficientnet-lite0",
-        backbone_weights=None,
-        text_encoder="all-minilm-l6-v2",
-        image_size=224,
-        context=True,
-        region_dim=2 * 1280 + 7,
-        phrase_dim=384,
-        regions=0,
-        phrases=0,
-    )
-    trained = TrainedHead(stand_ins.random_head(meta.region_dim, meta.phrase_dim, hidden=16), meta)
+    trained = stand_ins.packaged_head()
+    meta = trained.features
     path = tmp_path / "grounder.safetensors"
     write_weights(
         *grounder_weights(trained, threshold=0.5, candidates="selective_search", settings=SETTINGS),

@@ -30,8 +30,6 @@ from grounding.inference.onnx_grounder import (
 )
 from grounding.inference.serving import GrounderModel, encode_image, predict_table
 from grounding.io import write_json
-from grounding.modeling.scoring import TrainedHead
-from grounding.schemas import FeaturesMeta
 
 PHRASES = ["a red box", "a blue box", "grey", "A RED box"]
 BOXES = np.array(
@@ -198,18 +196,8 @@ def test_an_export_of_the_packaged_models_agrees_with_torch_on_a_real_image(
     from grounding.modeling.backbones import load_backbone
     from grounding.modeling.text import load_text_encoder
 
-    meta = FeaturesMeta(
-        backbone="efficientnet-lite0",
-        backbone_weights=None,
-        text_encoder="all-minilm-l6-v2",
-        image_size=224,
-        context=True,
-        region_dim=2 * 1280 + 7,
-        phrase_dim=384,
-        regions=0,
-        phrases=0,
-    )
-    trained = TrainedHead(stand_ins.random_head(meta.region_dim, meta.phrase_dim, hidden=16), meta)
+    trained = stand_ins.packaged_head()
+    meta = trained.features
     grounder = Grounder(
         trained,
         load_backbone(meta.backbone),

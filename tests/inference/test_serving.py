@@ -26,7 +26,7 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from grounding.errors import ConfigError, DataError
-from grounding.inference.grounder import Found, Grounding, grounder_weights
+from grounding.inference.grounder import Found, Grounding
 from grounding.inference.serving import (
     DEVICE_VARIABLE,
     OUTPUT_COLUMNS,
@@ -38,7 +38,6 @@ from grounding.inference.serving import (
     image_text,
     predict_table,
 )
-from grounding.io import write_weights
 
 
 class RecordingGrounder:
@@ -187,17 +186,7 @@ def test_the_signature_matches_the_table() -> None:
 def grounder_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A grounder weights file of the stand-in models (made loadable by name)."""
     stand_ins.install(monkeypatch)
-    path = tmp_path / "grounder.safetensors"
-    write_weights(
-        *grounder_weights(
-            stand_ins.trained_head(),
-            threshold=0.5,
-            candidates="selective_search",
-            settings=stand_ins.SETTINGS,
-        ),
-        path,
-    )
-    return path
+    return stand_ins.write_grounder(tmp_path / "grounder.safetensors")
 
 
 @pytest.fixture
@@ -286,15 +275,7 @@ def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     weights = folder / "grounder.safetensors"
     with pytest.MonkeyPatch.context() as patch:
         stand_ins.install(patch)
-        write_weights(
-            *grounder_weights(
-                stand_ins.trained_head(),
-                threshold=0.5,
-                candidates="selective_search",
-                settings=stand_ins.SETTINGS,
-            ),
-            weights,
-        )
+        stand_ins.write_grounder(weights)
         mlflow.pyfunc.save_model(
             str(folder / "model"),
             python_model=str(tracking._MODEL_CODE),
