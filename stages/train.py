@@ -18,6 +18,8 @@ from grounding.modeling.train import TrainingPairs, train_head
 
 #: What the validation scores read of the validation pairs (not ``image_id``).
 VAL_COLUMNS = ("phrase_id", "region_id", "iou", "label")
+#: tqdm's default bar, the epochs done shown to a tenth (each step adds a fraction of one)
+_BAR = "{l_bar}{bar}| {n:.1f}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -50,16 +52,26 @@ def main(argv: list[str] | None = None) -> None:
     val_pairs = io.read_table(args.split / "val.parquet", VAL_COLUMNS)
     advice = f"lower train.batch_size (now {params.batch_size}) or set runtime.device: cpu"
     with (
-        tqdm(total=params.epochs, desc="train", unit="epoch") as bar,
+        tqdm(total=params.epochs, desc="train", unit="epoch", bar_format=_BAR) as bar,
         gpu_memory_hint(device, advice),
     ):
 
+        def step(steps: int) -> None:  # a step is 1/steps of an epoch
+            bar.update(1 / steps)
+
         def show(row: dict[str, float]) -> None:
+            bar.n = row["epoch"]  # whole again, whatever the float sum of the steps
             bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_r1=f"{row['val_recall_at_1']:.3f}")
-            bar.update()
+            bar.refresh()
 
         result = train_head(
-            features, train_pairs, val_pairs, **asdict(params), on_epoch=show, device=device
+            features,
+            train_pairs,
+            val_pairs,
+            **asdict(params),
+            on_epoch=show,
+            on_step=step,
+            device=device,
         )
     io.write_weights(*TrainedHead(result.model, meta).to_weights(), args.model)
     io.write_csv(result.history, args.history)

@@ -151,6 +151,22 @@ def test_on_epoch_receives_each_row_of_the_history() -> None:
     assert pd.DataFrame(rows).equals(result.history)
 
 
+def test_on_step_is_called_once_per_step_with_the_steps_per_epoch() -> None:
+    features, pairs = toy_problem(20, seed=7)
+    images = pairs["image_id"].nunique()
+    calls: list[int] = []
+    train_head(
+        features,
+        pairs,
+        pairs,
+        pos_weight=1.0,
+        **{**SETTINGS, "epochs": 2, "batch_size": 3},
+        on_step=calls.append,
+    )
+    steps = -(-images // 3)
+    assert calls == [steps] * (2 * steps)
+
+
 # --- training groups built per batch ---------------------------------------------------------
 
 

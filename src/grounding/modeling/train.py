@@ -174,6 +174,7 @@ def train_head(
     dropout: float,
     seed: int,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
+    on_step: Callable[[int], None] | None = None,
     device: torch.device | None = None,
 ) -> TrainResult:
     """Train a new head of type ``head`` (:data:`~grounding.modeling.head.HEADS`);
@@ -183,7 +184,8 @@ def train_head(
     :class:`TrainingPairs`) may repeat pairs (balanced by oversampling); ``batch_size`` is in
     images, and each step holds only its images' groups. ``val_pairs`` are scored after each epoch
     (loss, accuracy at probability 0.5, Recall@1). ``on_epoch`` receives each epoch's row of the
-    history as it is made (for progress display). The head trains in float32 on ``device``
+    history as it is made, ``on_step`` the number of steps per epoch after each step (both for
+    progress display: one epoch of a large set is many minutes). The head trains in float32 on ``device``
     (default the CPU) and is returned on the CPU.
     """
     if epochs < 1 or batch_size < 1:
@@ -232,6 +234,8 @@ def train_head(
                 total_count += float(counts.sum())
                 hits = ((logits.detach() > 0) == (labels > 0)) & valid
                 correct += float((hits * counts).sum())
+                if on_step is not None:
+                    on_step(steps)
             row = {
                 "epoch": epoch,
                 "train_loss": total_loss / total_count,
