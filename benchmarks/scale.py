@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import multiprocessing
 import os
 import shutil
 import subprocess
@@ -74,6 +75,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--annotations", type=Path, default=SHARED_DATA)
     parser.add_argument("--out", type=Path, default=REPO / "reports" / "scale")
     parser.add_argument("--keep", action="store_true", help="keep each run's work folder")
+    parser.add_argument(
+        "--memory-limit",
+        type=int,
+        metavar="MB",
+        help="run each stage in a memory cgroup capped at MB (root; see MemoryCap)",
+    )
     parser.add_argument(
         "--until", choices=STAGES, default=STAGES[-1], help="run the stages up to this one"
     )
@@ -142,12 +149,12 @@ def prefill_proposals(work: Path, params: dict) -> None:
     """100 seeded random boxes per image in the proposal cache, under the key the pair stage
     looks them up by (the image's pixels and the generator's settings)."""
     from grounding import io
-    from grounding.candidates import SELECTIVE_SEARCH
+    from grounding.candidates import SELECTIVE_SEARCH, cache_key
     from grounding.config import params_from_dict
 
     checked = params_from_dict(params)
     settings = checked.candidates.settings(SELECTIVE_SEARCH)
-    key = (SELECTIVE_SEARCH, sorted(settings.items()))
+    key = cache_key(SELECTIVE_SEARCH, settings)
     images = io.read_table(work / "data/parsed/images.parquet")
     images = images[images["has_file"]]
     load = io.ImageFolder(work / params["data"]["root"] / "images", images)
@@ -220,40 +227,104 @@ def stage_commands(params: dict) -> dict[str, str]:
     }
 
 
-def _anon_kb(pid: int) -> int:
-    """Anonymous resident memory (kB) of a process and its descendants."""
+def _memory_kb(pid: int) -> tuple[int, int]:
+    """Anonymous and total resident memory (kB) of a process and its descendants."""
     import psutil
 
-    total = 0
+    anon = total = 0
     try:
         processes = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
     except psutil.Error:
-        return 0
+        return 0, 0
     for process in processes:
         try:
             with open(f"/proc/{process.pid}/status") as status:
                 for line in status:
                     if line.startswith("RssAnon:"):
+                        anon += int(line.split()[1])
+                    elif line.startswith("VmRSS:"):
                         total += int(line.split()[1])
         except OSError:
             pass
-    return total
+    return anon, total
 
 
-def run_stage(command: str, cwd: Path, env: dict[str, str], log: Path) -> dict[str, float]:
-    """Run one stage; its wall time (s), peak RSS and peak anonymous RSS (MB)."""
+def evict_page_cache(folder: Path) -> None:
+    """Write back and drop the cached pages of every file under ``folder``: a page stays charged
+    to the cgroup that first read or wrote it, so without this a capped stage would read the
+    features the benchmark wrote without their pages counting against its cap."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            descriptor = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(descriptor)
+                os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(descriptor)
+
+
+class MemoryCap:
+    """A memory cgroup (v1 or v2) that one stage runs in, capped at ``limit_mb``: what the
+    stage maps of its files counts too, and the kernel reclaims those pages at the cap; a stage
+    whose heap needs more than the cap is killed (OOM) and the benchmark fails. Needs root and a
+    writable cgroup file system (``/sys/fs/cgroup``)."""
+
+    V1 = Path("/sys/fs/cgroup/memory")
+    V2 = Path("/sys/fs/cgroup")
+
+    def __init__(self, limit_mb: int, name: str) -> None:
+        if (self.V1 / "cgroup.procs").exists():
+            self.folder, limit, self.peak_file = self.V1 / name, "memory.limit_in_bytes", (
+                "memory.max_usage_in_bytes"
+            )
+        elif (self.V2 / "cgroup.controllers").exists():
+            self.folder, limit, self.peak_file = self.V2 / name, "memory.max", "memory.peak"
+        else:
+            raise SystemExit("--memory-limit needs a cgroup memory controller at /sys/fs/cgroup")
+        try:
+            self.folder.mkdir(exist_ok=True)
+            (self.folder / limit).write_text(str(limit_mb * 2**20))
+        except OSError as error:
+            raise SystemExit(f"--memory-limit: cannot make a cgroup ({error}); run as root")
+        self.limit_mb = limit_mb
+
+    def wrap(self, command: str) -> str:
+        """``command`` run by a shell that first moves itself into the group."""
+        return f"echo $$ > {self.folder / 'cgroup.procs'} && exec {command}"
+
+    def peak_mb(self) -> float:
+        """The group's peak charge: heap plus the file pages it held."""
+        return round(int((self.folder / self.peak_file).read_text()) / 2**20, 1)
+
+    def remove(self) -> None:
+        self.folder.rmdir()
+
+
+def run_stage(
+    command: str, cwd: Path, env: dict[str, str], log: Path, cap_mb: int | None = None
+) -> dict[str, float]:
+    """Run one stage (in a :class:`MemoryCap` of ``cap_mb`` when given); its wall time (s), the
+    kernel's peak RSS, the polled peaks of its resident and anonymous memory and, capped, the
+    group's peak (MB)."""
+    cap = MemoryCap(cap_mb, f"grounding-scale-{os.getpid()}") if cap_mb else None
     start = time.perf_counter()
     with open(log, "w") as handle:
         process = subprocess.Popen(
-            command, shell=True, cwd=cwd, env=env, stdout=handle, stderr=subprocess.STDOUT
+            cap.wrap(command) if cap else command,
+            shell=True,
+            cwd=cwd,
+            env=env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
         )
-        peak_anon = 0
+        peak_anon = peak_rss = 0
         done = threading.Event()
 
         def poll() -> None:
-            nonlocal peak_anon
+            nonlocal peak_anon, peak_rss
             while not done.is_set():
-                peak_anon = max(peak_anon, _anon_kb(process.pid))
+                anon, rss = _memory_kb(process.pid)
+                peak_anon, peak_rss = max(peak_anon, anon), max(peak_rss, rss)
                 done.wait(0.2)
 
         poller = threading.Thread(target=poll, daemon=True)
@@ -263,13 +334,19 @@ def run_stage(command: str, cwd: Path, env: dict[str, str], log: Path) -> dict[s
         done.set()
         poller.join()
     seconds = time.perf_counter() - start
-    if process.returncode != 0:
-        raise RuntimeError(f"{command} failed; see {log}:\n{log.read_text()[-3000:]}")
-    return {
+    result = {
         "seconds": round(seconds, 2),
         "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+        "polled_rss_mb": round(peak_rss / 1024, 1),
         "peak_anon_mb": round(peak_anon / 1024, 1),
     }
+    if cap:
+        result |= {"cap_mb": cap.limit_mb, "cgroup_peak_mb": cap.peak_mb()}
+        cap.remove()
+    if process.returncode != 0:
+        killed = " (killed: over the memory cap?)" if cap and process.returncode < 0 else ""
+        raise RuntimeError(f"{command} failed{killed}; see {log}:\n{log.read_text()[-3000:]}")
+    return result
 
 
 def size_mb(work: Path, stage: str) -> float:
@@ -313,13 +390,25 @@ def benchmark(n: int, candidates: str, args: argparse.Namespace) -> dict:
             results["proposals (placeholder)"] = {"seconds": time.perf_counter() - start}
         if stage == "train":
             start = time.perf_counter()
-            placeholder_features(work)
+            # in a process of its own: a child forked from a process holding the 16 GB mapped
+            # file would start its own ru_maxrss at that process's RSS
+            writer = multiprocessing.get_context("spawn").Process(
+                target=placeholder_features, args=(work,)
+            )
+            writer.start()
+            writer.join()
+            if writer.exitcode != 0:
+                raise RuntimeError(f"placeholder features failed (exit {writer.exitcode})")
             results["features (placeholder)"] = {
                 "seconds": round(time.perf_counter() - start, 2),
                 "output_mb": size_mb(work, "features"),
             }
         print(f"  {candidates} N={n}: {stage}", flush=True)
-        results[stage] = run_stage(commands[stage], work, env, logs / f"{stage}.log")
+        if args.memory_limit:
+            evict_page_cache(work)
+        results[stage] = run_stage(
+            commands[stage], work, env, logs / f"{stage}.log", args.memory_limit
+        )
         results[stage]["output_mb"] = size_mb(work, stage)
     pair = json.loads((work / "reports/pair.json").read_text())
     outcome = {
@@ -363,27 +452,39 @@ def markdown(runs: list[dict], epochs: int) -> str:
         "pixels, placeholder proposals (100 per image) and features of the real shape;",
         f"train {epochs} epoch(s); wall times on a shared 2-core machine (other jobs running).",
         "Peak RSS is the kernel's `ru_maxrss` of the stage's process (memory-mapped feature",
-        "pages included; Linux carries it across fork and exec, so it also counts the",
-        "benchmark's own memory at the fork: an upper bound); peak anon is the stage's",
-        "anonymous memory (the heap), polled every 0.2 s: the figure to read. Seconds",
-        "include each process's start-up and are inflated by the shared machine's load.",
+        "pages included; Linux carries it across fork and exec, so runs made before the",
+        "placeholder features were written in a process of their own also count the",
+        "benchmark's mapped file there: an upper bound); polled RSS is the stage's resident",
+        "memory, polled every 0.2 s (the file pages of the memory-mapped features included);",
+        "peak anon is its anonymous memory (the heap), polled: the figure a stage needs. With",
+        "`--memory-limit MB` each stage runs in a memory cgroup capped at MB (file pages",
+        "count and are reclaimed at the cap; a heap over it is killed): the cgroup column is",
+        "the group's peak charge against that cap. Seconds include each process's start-up.",
         "",
     ]
     for candidates in sorted({r["candidates"] for r in runs}):
         chosen = [r for r in runs if r["candidates"] == candidates]
         lines += [f"## {candidates}", ""]
         lines += [
-            "| N images | pairs | stage | seconds | peak RSS MB | peak anon MB | output MB |",
-            "|---|---|---|---|---|---|---|",
+            "| N images | pairs | stage | seconds | peak RSS MB | polled RSS MB | peak anon MB "
+            "| cgroup peak / cap MB | output MB |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for run in chosen:
             for stage in [stage for stage in STAGES if stage in run["stages"]]:
                 s = run["stages"][stage]
+                polled = f"{s['polled_rss_mb']:,.0f}" if "polled_rss_mb" in s else "-"
+                capped = (
+                    f"{s['cgroup_peak_mb']:,.0f} / {s['cap_mb']:,}" if "cap_mb" in s else "-"
+                )
                 lines.append(
                     f"| {run['n']:,} | {run['pairs']:,} | {stage} | {s['seconds']:.1f} | "
-                    f"{s['peak_rss_mb']:,.0f} | {s['peak_anon_mb']:,.0f} | "
-                    f"{s['output_mb']:,.1f} |"
+                    f"{s['peak_rss_mb']:,.0f} | {polled} | {s['peak_anon_mb']:,.0f} | "
+                    f"{capped} | {s['output_mb']:,.1f} |"
                 )
+        if any(run["n"] >= FULL for run in chosen):
+            lines += ["", f"N = {FULL:,} (the full set) is measured above.", ""]
+            continue
         lines += [
             "",
             f"Peak anon at N = {FULL:,}, extrapolated through the two largest runs "

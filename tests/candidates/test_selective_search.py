@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
 from stand_ins import SETTINGS, TWO_SHAPES, two_shapes
 
 from grounding.boxes import box_area, box_iou
-from grounding.candidates.selective_search import check_settings, dedupe, propose
+from grounding.candidates.selective_search import canonical_order, check_settings, dedupe, propose
+from grounding.io import read_image
+
+SAMPLE_IMAGES = Path(__file__).resolve().parents[2] / "data" / "sample" / "images"
 
 
 def test_proposals_cover_the_shapes_and_respect_the_settings() -> None:
@@ -82,3 +87,23 @@ def test_bad_settings_are_refused(change: dict, message: str) -> None:
 def test_good_settings_pass() -> None:
     check_settings(**SETTINGS)
     check_settings(**{**SETTINGS, "mode": "quality", "max_side": 16, "dedupe_iou": 1.0})
+
+
+def test_the_same_pixels_give_the_same_proposals_whatever_ran_before() -> None:
+    # selective search orders its boxes at random, from state the process's earlier calls
+    # moved: on these sample images a second call gave other kept boxes before the order fix
+    images = [read_image(path) for path in sorted(SAMPLE_IMAGES.glob("*.jpg"))[:4]]
+    first = [propose(image, **SETTINGS) for image in images]
+    again = [propose(image, **SETTINGS) for image in reversed(images)][::-1]
+    for a, b in zip(first, again, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_canonical_order_is_largest_first_then_by_coordinates_whatever_the_input_order() -> None:
+    boxes = np.array(
+        [[0, 0, 2, 2], [5, 5, 7, 7], [0, 0, 3, 3], [1, 0, 3, 2], [0, 1, 2, 3]], dtype=np.float64
+    )
+    expected = boxes[[2, 0, 4, 3, 1]]  # the 3x3 box, then the 2x2 boxes by x1, y1
+    for seed in range(5):
+        shuffled = np.random.default_rng(seed).permutation(boxes)
+        np.testing.assert_array_equal(shuffled[canonical_order(shuffled)], expected)

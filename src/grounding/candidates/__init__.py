@@ -36,11 +36,13 @@ Propose = Callable[[Image.Image], np.ndarray]
 class Generator:
     """``propose(image, **settings)``: boxes from an image's pixels (None: the boxes come from
     the annotations, so it cannot serve an image nobody annotated); ``check(**settings)``
-    raises :class:`ValueError` for settings out of range."""
+    raises :class:`ValueError` for settings out of range; ``version``, part of the proposal
+    cache's key, goes up whenever the same pixels and settings would give other boxes."""
 
     name: str
     propose: Callable[..., np.ndarray] | None = None
     check: Callable[..., None] | None = None
+    version: int = 1
 
 
 ANNOTATED = "annotated"
@@ -49,7 +51,10 @@ SELECTIVE_SEARCH = "selective_search"
 GENERATORS: dict[str, Generator] = {
     ANNOTATED: Generator(ANNOTATED),
     SELECTIVE_SEARCH: Generator(
-        SELECTIVE_SEARCH, selective_search.propose, selective_search.check_settings
+        SELECTIVE_SEARCH,
+        selective_search.propose,
+        selective_search.check_settings,
+        selective_search.VERSION,
     ),
 }
 
@@ -88,8 +93,13 @@ def proposer(name: str, settings: Mapping[str, Any], cache: ProposalCache | None
     propose = partial(chosen.propose, **settings)
     if cache is None:
         return propose
-    key = (name, sorted(settings.items()))
+    key = cache_key(name, settings)
     return lambda image: cache.get(image, key, partial(propose, image))
+
+
+def cache_key(name: str, settings: Mapping[str, Any]) -> tuple:
+    """What the proposal cache keys generator ``name``'s boxes by, beside the pixels."""
+    return (name, generator(name).version, sorted(settings.items()))
 
 
 def candidate_regions(
