@@ -24,6 +24,12 @@ off. For each stage: wall time, the peak resident memory of the process (``ru_ma
 anonymous memory (``RssAnon``, polled: the heap, without the file pages of the memory-mapped
 features that the kernel can drop at will), and the size of what it wrote. Writes
 ``reports/scale.json``, ``reports/scale.md`` and ``reports/scale.png``.
+
+``--memory-limit MB`` (root) runs each stage in a memory cgroup capped at MB, its files'
+cached pages dropped first so that what it reads counts against its own cap: the check that a
+stage runs within a memory budget, not only that its heap is small.
+
+    python -m benchmarks.scale --n 31783 --candidates selective_search --memory-limit 8192
 """
 
 from __future__ import annotations
