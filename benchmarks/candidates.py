@@ -59,8 +59,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def _settings(work: Path) -> dict:
     metrics = json.loads((work / "reports" / "metrics.json").read_text())
+    details = json.loads((work / "reports" / "test.json").read_text())  # the phrase count
     pair = json.loads((work / "reports" / "pair.json").read_text())
-    return {"candidates_per_image": pair["candidates_per_image"], "pairs": pair["pairs"], **metrics}
+    return {
+        "candidates_per_image": pair["candidates_per_image"],
+        "pairs": pair["pairs"],
+        "phrases": details["phrases"],
+        **metrics,
+    }
 
 
 def compare(work: Path, overrides: list[str]) -> dict[str, dict]:
