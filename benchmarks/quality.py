@@ -37,6 +37,7 @@ from grounding import io
 from grounding.boxes import BOX_COLUMNS, aligned_iou, box_iou
 from grounding.config import load_params
 from grounding.evaluation.metrics import merged_iou, phrase_ranks, recall_at_k, upper_bound
+from grounding.modeling.device import resolve_threads
 from grounding.modeling.scoring import PairFeatures, TrainedHead, score_pairs
 from grounding.modeling.train import train_head
 
@@ -271,7 +272,8 @@ def main(argv: list[str] | None = None) -> None:
         "near_misses": near_misses(split["test"]),
         "variants": [],
     }
-    torch.set_num_threads(params.train.threads)
+    # the threads train would use (runtime.threads; auto is 1 for the head, see README "GPU")
+    torch.set_num_threads(resolve_threads(params.runtime.threads, small_tensors=True))
     for text in args.variant or ["baseline"]:
         start = time.perf_counter()
         if text.startswith("model="):  # a head the run trained already: score it, no training
@@ -279,7 +281,6 @@ def main(argv: list[str] | None = None) -> None:
             row: dict = {"variant": text, "train": asdict(params.train), "seconds": 0.0}
         else:
             kwargs = asdict(replace(params.train, **parse_variant(text)))
-            kwargs.pop("threads")
             trained = train_head(features, split["train"], split["val"], **kwargs)
             model = trained.model
             row = {"variant": text, "train": kwargs, "seconds": time.perf_counter() - start}
