@@ -280,8 +280,10 @@ class MemoryCap:
 
     def __init__(self, limit_mb: int, name: str) -> None:
         if (self.V1 / "cgroup.procs").exists():
-            self.folder, limit, self.peak_file = self.V1 / name, "memory.limit_in_bytes", (
-                "memory.max_usage_in_bytes"
+            self.folder, limit, self.peak_file = (
+                self.V1 / name,
+                "memory.limit_in_bytes",
+                ("memory.max_usage_in_bytes"),
             )
         elif (self.V2 / "cgroup.controllers").exists():
             self.folder, limit, self.peak_file = self.V2 / name, "memory.max", "memory.peak"
@@ -291,7 +293,9 @@ class MemoryCap:
             self.folder.mkdir(exist_ok=True)
             (self.folder / limit).write_text(str(limit_mb * 2**20))
         except OSError as error:
-            raise SystemExit(f"--memory-limit: cannot make a cgroup ({error}); run as root")
+            raise SystemExit(
+                f"--memory-limit: cannot make a cgroup ({error}); run as root"
+            ) from None
         self.limit_mb = limit_mb
 
     def wrap(self, command: str) -> str:
@@ -480,9 +484,7 @@ def markdown(runs: list[dict], epochs: int) -> str:
             for stage in [stage for stage in STAGES if stage in run["stages"]]:
                 s = run["stages"][stage]
                 polled = f"{s['polled_rss_mb']:,.0f}" if "polled_rss_mb" in s else "-"
-                capped = (
-                    f"{s['cgroup_peak_mb']:,.0f} / {s['cap_mb']:,}" if "cap_mb" in s else "-"
-                )
+                capped = f"{s['cgroup_peak_mb']:,.0f} / {s['cap_mb']:,}" if "cap_mb" in s else "-"
                 lines.append(
                     f"| {run['n']:,} | {run['pairs']:,} | {stage} | {s['seconds']:.1f} | "
                     f"{s['peak_rss_mb']:,.0f} | {polled} | {s['peak_anon_mb']:,.0f} | "

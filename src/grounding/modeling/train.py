@@ -185,8 +185,8 @@ def train_head(
     images, and each step holds only its images' groups. ``val_pairs`` are scored after each epoch
     (loss, accuracy at probability 0.5, Recall@1). ``on_epoch`` receives each epoch's row of the
     history as it is made, ``on_step`` the number of steps per epoch after each step (both for
-    progress display: one epoch of a large set is many minutes). The head trains in float32 on ``device``
-    (default the CPU) and is returned on the CPU.
+    progress display: one epoch of a large set is many minutes). The head trains in float32 on
+    ``device`` (default the CPU) and is returned on the CPU.
     """
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
