@@ -47,7 +47,7 @@ from tqdm import tqdm
 from benchmarks import REPO, SHARED_DATA
 from benchmarks.quality import recalls
 from grounding import io
-from grounding.boxes import BOX_COLUMNS
+from grounding.boxes import BOX_COLUMNS, aligned_iou
 from grounding.data.formats.flickr30k import read_split_lists
 from grounding.data.pair import ground_truth
 from grounding.data.split import assign_splits
@@ -302,13 +302,8 @@ def jittered(boxes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def _max_iou(candidates: np.ndarray, truth: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """``(P, K)``: each candidate's best IoU with its phrase's valid truth boxes
     ``(P, G, 4)``."""
-    c, t = candidates[:, :, None, :], truth[:, None, :, :]
-    iw = np.clip(np.minimum(c[..., 2], t[..., 2]) - np.maximum(c[..., 0], t[..., 0]), 0, None)
-    ih = np.clip(np.minimum(c[..., 3], t[..., 3]) - np.maximum(c[..., 1], t[..., 1]), 0, None)
-    inter = iw * ih
-    area_c = (c[..., 2] - c[..., 0]) * (c[..., 3] - c[..., 1])
-    area_t = (t[..., 2] - t[..., 0]) * (t[..., 3] - t[..., 1])
-    iou = inter / np.maximum(area_c + area_t - inter, 1e-9)
+    c, t = np.broadcast_arrays(candidates[:, :, None, :], truth[:, None, :, :])
+    iou = aligned_iou(c.reshape(-1, 4), t.reshape(-1, 4)).reshape(c.shape[:-1])
     return np.where(valid[:, None, :], iou, 0.0).max(-1)
 
 
