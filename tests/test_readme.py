@@ -1,4 +1,5 @@
-"""The README stays true to the tree: its layout section lists exactly the package's modules."""
+"""The docs stay true to the tree: the layout block of docs/architecture.md lists exactly the
+package's modules."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ MARKER = "<!-- layout: checked against src/grounding by tests/test_readme.py -->
 
 
 def layout_files(readme: str) -> set[str]:
-    """The files of the README's layout block, as paths below ``src/grounding``: each line is
+    """The files of the layout block, as paths below ``src/grounding``: each line is
     an indented name (a folder ends in ``/``) and an optional description."""
     block = readme.split(MARKER, 1)[1].split("```text\n", 1)[1].split("```", 1)[0]
     lines = block.splitlines()[1:]  # the first line is src/grounding/ itself
@@ -30,12 +31,12 @@ def layout_files(readme: str) -> set[str]:
 
 
 def test_the_layout_section_lists_every_module_and_no_other() -> None:
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    readme = (REPO / "docs" / "architecture.md").read_text(encoding="utf-8")
     package = REPO / "src" / "grounding"
     actual = {path.relative_to(package).as_posix() for path in package.rglob("*.py")}
     listed = layout_files(readme)
-    assert listed - actual == set(), "listed in the README but not in the package"
-    assert actual - listed == set(), "in the package but missing from the README's layout"
+    assert listed - actual == set(), "listed in docs/architecture.md but not in the package"
+    assert actual - listed == set(), "in the package but missing from docs/architecture.md's layout"
 
 
 def test_the_layout_parser_reads_nesting() -> None:
