@@ -12,7 +12,7 @@ falls back to) and writes its held-out test metrics, size and MD5 to
 
 The file is reproduced byte for byte: every stage is seeded, every stage runs on one thread
 (``OMP_NUM_THREADS=1``) and safetensors bytes depend only on the values (two builds from fresh
-scratch repositories wrote the same MD5, see the README).
+scratch repositories wrote the same MD5, see docs/serving.md).
 Selective search is the slow part (about 1 s per image on an idle core); its boxes are cached
 per image in ``--proposals`` (default ``data/proposals`` of this checkout, the pipeline's own
 cache), so a rebuild reuses them without changing a byte. The images are Flickr30k's: the

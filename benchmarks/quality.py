@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
         "near_misses": near_misses(split["test"]),
         "variants": [],
     }
-    # the threads train would use (runtime.threads; auto is 1 for the head, see README "GPU")
+    # the threads train would use (runtime.threads; auto is 1 for the head, see docs/gpu-and-ray.md)
     torch.set_num_threads(resolve_threads(params.runtime.threads, small_tensors=True))
     for text in args.variant or ["baseline"]:
         start = time.perf_counter()

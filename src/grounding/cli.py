@@ -176,7 +176,7 @@ def _model_or_pretrained(model: str | None, trained: Path = TRAINED_GROUNDER) ->
         raise DataError(f"no --model given, no {trained} and no packaged grounder; train one")
     print(
         f"no --model given and no {trained}: using the packaged grounder trained on real "
-        "Flickr30k images (non-commercial research terms; README: The packaged grounder)",
+        "Flickr30k images (non-commercial research terms; docs/serving.md: The packaged grounder)",
         file=sys.stderr,
     )
     return str(packaged)

@@ -449,9 +449,9 @@ def test_odvg_round_trip_gives_the_same_tables(tmp_path: Path) -> None:
     assert written.left_out == {}
 
 
-def test_the_readme_example_reads(tmp_path: Path) -> None:
-    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
-    example = readme.split("Three lines of ODVG", 1)[1].split("```json\n", 1)[1].split("```", 1)[0]
+def test_the_documented_example_reads(tmp_path: Path) -> None:
+    page = (REPO_ROOT / "docs" / "formats.md").read_text(encoding="utf-8")
+    example = page.split("Three lines of ODVG", 1)[1].split("```json\n", 1)[1].split("```", 1)[0]
     kitchen, street = read(tmp_path, example.splitlines())
     assert [c.text for c in kitchen.captions] == [
         "A man holds a red mug .",

@@ -124,7 +124,7 @@ def convert(target: str, dataset: Path, out: Path) -> None:
 @pytest.mark.parametrize("name", ["odvg", "mdetr"])
 def test_the_data_stages_read_each_format_with_the_same_counts(tmp_path: Path, name: str) -> None:
     dataset = write_dataset(tmp_path / "flickr30k")
-    convert(name, dataset, dataset)  # beside the images, as README "Your own data" does
+    convert(name, dataset, dataset)  # beside the images, as docs/formats.md does
     with contextlib.chdir(tmp_path):
         write_params(tmp_path / name, {"format": name, "root": str(dataset)})
         data_stages(tmp_path / name)

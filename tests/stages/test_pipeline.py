@@ -401,7 +401,7 @@ def test_the_mlflow_ui_lists_the_runs_with_f1_and_shows_the_gallery(
             assistant = page.get_by_role("button", name="Close")  # MLflow 3's chat panel
             if assistant.count():
                 assistant.first.click()
-            # the README's clicks: Columns, then the metrics and the param to compare
+            # the clicks docs/tracking.md gives: Columns, then the metrics and the param to compare
             page.get_by_role("button", name="Columns", exact=True).click()
             for column in ("f1", "recall_at_1", "train.pos_weight"):
                 page.get_by_text(column, exact=True).first.click()

@@ -1,9 +1,9 @@
 """Where a pixel generator's proposals are computed: a registry of engines (``pair.engine``).
 
 Every engine returns ``{image_id: boxes (N, 4)}`` of ``propose(load_image(image_id))`` for
-each image, and both read and fill the same proposal cache. (OpenCV's selective search ranks
-with random numbers, so two runs of either engine may order tied boxes differently: the cache
-is what makes the boxes reproducible, whichever engine filled it.)
+each image, and both read and fill the same proposal cache. The boxes are a function of the
+pixels and settings (:mod:`grounding.candidates.selective_search` puts OpenCV's randomly
+ordered boxes in a fixed order), so either engine fills the cache with the same boxes.
 
 - ``local``: one image after another in this process.
 - ``ray``: the image ids are a Ray Dataset, proposed by ``concurrency`` Ray tasks at once

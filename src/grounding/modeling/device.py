@@ -93,7 +93,7 @@ def resolve_threads(spec: int | str, *, small_tensors: bool = False) -> int:
     """Torch's CPU threads for ``runtime.threads``: the number given (>= 1), or for ``auto``
     :func:`available_cpus`, but 1 for work on ``small_tensors`` (training the head: its
     matrices are a few hundred wide, and a second thread costs more in waiting than it saves;
-    one thread also trains the same head bit for bit every run, two do not: README "GPU")."""
+    one thread also trains the same head bit for bit every run, two do not: docs/gpu-and-ray.md)."""
     if spec == "auto":
         return 1 if small_tensors else available_cpus()
     if isinstance(spec, bool) or not isinstance(spec, int) or spec < 1:
