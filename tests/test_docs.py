@@ -109,6 +109,12 @@ def test_the_readme_is_a_front_page() -> None:
     assert size <= README_LIMIT, f"README.md is {size} bytes, over {README_LIMIT}"
 
 
+def test_the_pictures_stay_small() -> None:
+    sizes = {p.name: p.stat().st_size for p in (REPO / "docs" / "images").glob("*.png")}
+    assert "grounding-1000268201.png" in sizes
+    assert {name: size for name, size in sizes.items() if size > 300 * 1024} == {}
+
+
 def test_the_readme_links_point_at_files() -> None:
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     targets = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", readme)
