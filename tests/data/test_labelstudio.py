@@ -329,3 +329,24 @@ def test_the_shipped_config_names_what_the_reader_reads() -> None:
     assert rectangle.get("canRotate") == "false"
     assert textarea.get("name") == labelstudio.PHRASE and textarea.get("toName") == "image"
     assert textarea.get("perRegion") == "true" and textarea.get("required") == "true"
+
+
+def test_a_task_from_any_boxes_carries_its_model_and_score() -> None:
+    made = labelstudio.task(
+        "a b.jpg",
+        200,
+        100,
+        [(Box(20, 10, 120, 60), ["a dog"])],
+        images="photos",
+        model_version="grounder 3",
+        score=0.75,
+    )
+    assert made["data"] == {
+        "image": "/data/local-files/?d=photos/a%20b.jpg",
+        "file_name": "a b.jpg",
+    }
+    (prediction,) = made["predictions"]
+    assert (prediction["model_version"], prediction["score"]) == ("grounder 3", 0.75)
+    rectangle, phrase = prediction["result"]
+    assert rectangle["value"] == {"x": 10, "y": 10, "width": 50, "height": 50, "rotation": 0}
+    assert phrase["value"]["text"] == ["a dog"]
