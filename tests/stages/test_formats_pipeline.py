@@ -1,7 +1,7 @@
 """The stages on ODVG, MDETR and Label Studio data made by `grounding convert`: the parse
-stage's counts and skipped records, and (slow) the whole pipeline on the shipped sample in each
-format giving the Flickr30k run's test metrics (``reports/metrics.json`` and the details,
-``test.json``)."""
+stage's counts and skipped records, and (slow) the whole pipeline on the shipped sample as
+Flickr30k, ODVG and MDETR giving the Flickr30k run's test metrics (``reports/metrics.json``
+and the details, ``test.json``)."""
 
 from __future__ import annotations
 
