@@ -340,13 +340,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert = commands.add_parser(
         "convert",
-        help="convert a dataset's annotations to another format (odvg, mdetr)",
+        help="convert a dataset's annotations to another format (odvg, mdetr, labelstudio)",
         description=(
             "Read the annotations of the dataset at IN in one format and write them to OUT in "
             "another, each split to the file that params.yaml names for it (data.odvg, "
-            "data.mdetr), so that the pipeline reads OUT with -S data.format=... -S "
-            "data.root=OUT. Images are not copied: keep them in data.images under OUT. What "
-            "the target format cannot hold is counted on the last lines."
+            "data.mdetr, data.labelstudio), so that the pipeline reads OUT with -S "
+            "data.format=... -S data.root=OUT. Images are not copied: keep them in data.images "
+            "under OUT. labelstudio writes tasks whose predictions a reviewer corrects in Label "
+            "Studio (docs/annotation.md). What the target format cannot hold is counted on the "
+            "last lines."
         ),
     )
     convert.add_argument(

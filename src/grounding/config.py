@@ -42,7 +42,8 @@ class DataParams:
     :data:`grounding.data.formats.FORMATS`, checked when the parse stage opens the data).
 
     ``images`` and ``splits`` (the folder of Flickr30k's split lists) are relative to ``root``
-    unless absolute; so are the files of ``odvg`` and ``mdetr``, whose split is the file.
+    unless absolute; so are the files of ``odvg``, ``mdetr`` and ``labelstudio`` (Label Studio
+    JSON exports), whose split is the file.
     """
 
     format: str
@@ -51,6 +52,7 @@ class DataParams:
     splits: Path
     odvg: SplitFiles
     mdetr: SplitFiles
+    labelstudio: SplitFiles
 
     @property
     def images_dir(self) -> Path:

@@ -173,3 +173,37 @@ def test_skip_bad_files_converts_the_rest_and_counts_what_it_left_out(
     printed = capsys.readouterr().out
     assert "left out: 1 records that break the format (--skip-bad-files)" in printed
     assert parsed("mdetr", tmp_path / "b").counts()["images"] == 4
+
+
+def test_labelstudio_tasks_reviewed_as_they_are_read_back_as_the_boxed_phrases(
+    flickr: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    convert("flickr30k", "labelstudio", flickr, tmp_path)
+    assert capsys.readouterr().out.splitlines() == [
+        f"{tmp_path}/labelstudio_train.json: 2 images",
+        f"{tmp_path}/labelstudio_val.json: 1 images",
+        f"{tmp_path}/labelstudio_test.json: 1 images",
+        "left out: 3 phrases without a box",  # not visual, nobndbox, scene (image 100)
+        "left out: 1 images in no split",
+    ]
+    with pytest.raises(SystemExit):  # predictions are not labels
+        convert("labelstudio", "odvg", tmp_path, tmp_path / "odvg")
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: {tmp_path}/labelstudio_train.json: tasks[0]: has no annotation (not labelled)"
+    )
+    for split in ("train", "val", "test"):  # a reviewer submits every prediction unchanged
+        path = tmp_path / f"labelstudio_{split}.json"
+        tasks = json.loads(path.read_text(encoding="utf-8"))
+        for task in tasks:
+            task["annotations"] = [{"result": p["result"]} for p in task.pop("predictions")]
+        path.write_text(json.dumps(tasks), encoding="utf-8")
+    convert("labelstudio", "odvg", tmp_path, tmp_path / "odvg")
+    before, after = parsed("flickr30k", flickr), parsed("odvg", tmp_path / "odvg")
+    assert in_a_split(before.boxes)[["x1", "y1", "x2", "y2"]].equals(
+        after.boxes[["x1", "y1", "x2", "y2"]]
+    )
+    boxed = in_a_split(before.phrases[before.phrases["has_box"]])
+    distinct = boxed.drop_duplicates(["image_id", "text"])
+    assert sorted(zip(distinct["image_id"], distinct["text"], strict=True)) == sorted(
+        zip(after.phrases["image_id"], after.phrases["text"], strict=True)
+    )

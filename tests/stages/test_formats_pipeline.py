@@ -1,6 +1,7 @@
-"""The stages on ODVG and MDETR data made by `grounding convert`: the parse stage's counts and
-skipped records, and (slow) the whole pipeline on the shipped sample in each format giving the
-Flickr30k run's test metrics (``reports/metrics.json`` and the details, ``test.json``)."""
+"""The stages on ODVG, MDETR and Label Studio data made by `grounding convert`: the parse
+stage's counts and skipped records, and (slow) the whole pipeline on the shipped sample as
+Flickr30k, ODVG and MDETR giving the Flickr30k run's test metrics (``reports/metrics.json``
+and the details, ``test.json``)."""
 
 from __future__ import annotations
 
@@ -150,6 +151,31 @@ def test_the_data_stages_read_each_format_with_the_same_counts(tmp_path: Path, n
     # the Flickr30k run's 28 phrases, 10 candidates, 66 pairs less image 500's 10, 2 and 20
     assert (paired["phrases_paired"], paired["candidates"], paired["pairs"]) == (18, 8, 46)
     assert read_json(tmp_path / name / "reports" / "validation" / "pair.json")["success"]
+
+
+def test_the_data_stages_read_reviewed_labelstudio_tasks(tmp_path: Path) -> None:
+    dataset = write_dataset(tmp_path / "flickr30k")
+    convert("labelstudio", dataset, dataset)
+    for name in ("train", "val", "test"):  # a reviewer submits every prediction unchanged
+        path = dataset / f"labelstudio_{name}.json"
+        tasks = read_json(path)
+        for task in tasks:
+            task["annotations"] = [{"result": p["result"]} for p in task.pop("predictions")]
+        path.write_text(json.dumps(tasks), encoding="utf-8")
+    with contextlib.chdir(tmp_path):
+        write_params(tmp_path / "ls", {"format": "labelstudio", "root": str(dataset)})
+        data_stages(tmp_path / "ls")
+    counts = read_json(tmp_path / "ls" / "reports" / "parse.json")
+    # one caption per image made of its distinct boxed phrases (100: 5, 200: 4, 300: 4,
+    # 400: 5); every box a region, 200's two boxes with one set of coordinates too
+    assert counts["images"] == 4 and counts["captions"] == 4
+    assert counts["phrases"] == counts["phrases_with_box"] == 18
+    assert (counts["boxes"], counts["chains"], counts["images_with_file"]) == (11, 9, 3)
+    paired = read_json(tmp_path / "ls" / "reports" / "pair.json")
+    # the 3 images with a file: 13 phrases (100: 5, 200: 4, 300: 4) x their distinct boxes
+    # (4, 2, 2): 5 x 4 + 4 x 2 + 4 x 2 = 36 pairs
+    assert (paired["phrases_paired"], paired["candidates"], paired["pairs"]) == (13, 8, 36)
+    assert read_json(tmp_path / "ls" / "reports" / "validation" / "pair.json")["success"]
 
 
 def test_parse_lists_the_records_skip_bad_files_left_out(

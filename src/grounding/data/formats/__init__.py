@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from grounding.data.formats import flickr30k, mdetr, odvg
+from grounding.data.formats import flickr30k, labelstudio, mdetr, odvg
 from grounding.data.formats.grounded import Written
 from grounding.data.records import ImageRecord, RecordReader
 from grounding.errors import ConfigError
@@ -50,6 +50,9 @@ FORMATS: dict[str, DatasetFormat] = {
     "flickr30k": DatasetFormat("flickr30k", flickr30k.Flickr30kReader.open, None, flickr30k.TYPES),
     "odvg": DatasetFormat("odvg", odvg.OdvgReader.open, odvg.write, None),
     "mdetr": DatasetFormat("mdetr", mdetr.MdetrReader.open, mdetr.write, None),
+    "labelstudio": DatasetFormat(
+        "labelstudio", labelstudio.LabelStudioReader.open, labelstudio.write, None
+    ),
 }
 
 

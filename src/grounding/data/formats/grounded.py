@@ -324,6 +324,18 @@ def words_before(caption: str, offset: int) -> int:
     return len(caption[:offset].split())
 
 
+def prompt(phrases: Sequence[str]) -> tuple[str, list[int]]:
+    """A caption made of ``phrases`` as the detectors' prompts write them (``"a dog . the red
+    ball ."``) and the index of each phrase's first word in it: the caption of a format whose
+    phrases come without one (ODVG detection records, Label Studio regions)."""
+    caption = " . ".join(phrases) + " ."
+    first_words, offset = [], 0
+    for phrase in phrases:
+        first_words.append(words_before(caption, offset))
+        offset += len(phrase) + len(" . ")
+    return caption, first_words
+
+
 def locate(caption: str, phrase: str) -> int:
     """The index of the first caption word at which ``phrase`` starts; -1 when it does not."""
     for index, word in enumerate(_WORD.finditer(caption)):

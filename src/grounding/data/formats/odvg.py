@@ -64,6 +64,7 @@ from grounding.data.formats.grounded import (
     locate,
     numbers,
     phrase_span,
+    prompt,
     required,
     span_text,
     spans,
@@ -263,12 +264,11 @@ def _detection(
         by_category.setdefault(category, []).append(box)
     if not by_category:
         return None, boxes
-    caption = " . ".join(by_category) + " ."
-    phrases, offset = [], 0
-    for category, keys in by_category.items():
-        first_word = words_before(caption, offset)
-        phrases.append(GroundedPhrase(category, first_word, tuple(keys), (category,)))
-        offset += len(category) + len(" . ")
+    caption, first_words = prompt(list(by_category))
+    phrases = [
+        GroundedPhrase(category, first_word, tuple(keys), (category,))
+        for (category, keys), first_word in zip(by_category.items(), first_words, strict=True)
+    ]
     return GroundedCaption(caption, tuple(phrases)), boxes
 
 
