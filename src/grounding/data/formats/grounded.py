@@ -23,6 +23,7 @@ The writers share :func:`phrase_span` (where a phrase sits in its caption) and :
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import math
 import re
@@ -292,10 +293,11 @@ def check_box(x1: float, y1: float, x2: float, y2: float, width: int, height: in
     return Box(max(x1, 0.0), max(y1, 0.0), min(x2, float(width)), min(y2, float(height)))
 
 
-def spans(value: Any, caption: str, what: str) -> tuple[tuple[int, int], ...]:
-    """Character spans ``[[start, end], ...]`` of ``caption``, sorted; each inside it and not
-    blank."""
+def spans(value: Any, words: CaptionWords, what: str) -> tuple[tuple[int, int], ...]:
+    """Character spans ``[[start, end], ...]`` of the caption of ``words``, sorted; each inside
+    it and not blank."""
     result = []
+    length = len(words.caption)
     for item in json_list(value, what):
         if (
             not isinstance(item, list)
@@ -304,11 +306,9 @@ def spans(value: Any, caption: str, what: str) -> tuple[tuple[int, int], ...]:
         ):
             raise BadRecord(f"{what}: span {item!r} is not [start, end]")
         start, end = item
-        if not 0 <= start < end <= len(caption):
-            raise BadRecord(
-                f"{what}: span {item} lies outside the {len(caption)}-character caption"
-            )
-        if not caption[start:end].strip():
+        if not 0 <= start < end <= length:
+            raise BadRecord(f"{what}: span {item} lies outside the {length}-character caption")
+        if words.blank(start, end):
             raise BadRecord(f"{what}: span {item} of the caption is blank")
         result.append((start, end))
     return tuple(sorted(result))
@@ -319,31 +319,91 @@ def span_text(caption: str, phrase_spans: Sequence[tuple[int, int]]) -> str:
     return " ".join(caption[start:end].strip() for start, end in phrase_spans)
 
 
-def words_before(caption: str, offset: int) -> int:
-    """How many words of ``caption`` start before character ``offset``."""
-    return len(caption[:offset].split())
+class CaptionWords:
+    """The words of one caption (runs of non-space characters), found once so that placing
+    each of its phrases costs about the phrase's length, not the caption's: a file with many
+    regions in a long caption is read in time linear in its size.
 
+    Words are what ``str.split()`` gives; a word's index counts the words before it."""
 
-def locate(caption: str, phrase: str) -> int:
-    """The index of the first caption word at which ``phrase`` starts; -1 when it does not."""
-    for index, word in enumerate(_WORD.finditer(caption)):
-        if caption.startswith(phrase, word.start()):
-            return index
-    return -1
+    #: Phrases of one word are looked up by their first this many characters.
+    PREFIX = 16
+
+    def __init__(self, caption: str) -> None:
+        self.caption = caption
+        found = list(_WORD.finditer(caption))
+        self.starts = [word.start() for word in found]
+        self.ends = [word.end() for word in found]
+        self._words = [word.group() for word in found]
+        self._first_of: dict[int, dict[str, int]] = {}
+        self._all_of: dict[int, dict[str, list[int]]] = {}
+        self._located: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def words_before(self, offset: int) -> int:
+        """How many words start before character ``offset``."""
+        return bisect.bisect_left(self.starts, offset)
+
+    def blank(self, start: int, end: int) -> bool:
+        """Whether the characters ``[start, end)`` are all white space."""
+        after = bisect.bisect_right(self.ends, start)  # the first word ending after start
+        return after == len(self.starts) or self.starts[after] >= end
+
+    def locate(self, phrase: str) -> int:
+        """The index of the first word at which ``phrase`` starts; -1 when it starts at none."""
+        if phrase not in self._located:
+            self._located[phrase] = self._first_start(phrase)
+        return self._located[phrase]
+
+    def _first_start(self, phrase: str) -> int:
+        """See :meth:`locate`: the phrase's first word is looked up, not searched for. A
+        phrase of several words starts at a caption word equal to its first word (white space
+        follows it in the phrase); a phrase of one word at a caption word that starts with it,
+        found by its first :attr:`PREFIX` characters."""
+        first = phrase.split(maxsplit=1)
+        if not first or phrase[0].isspace():
+            return -1
+        if len(first[0]) < len(phrase):
+            candidates = self._index(0).get(first[0], [])
+        elif len(phrase) < self.PREFIX:
+            return self._first_index(len(phrase)).get(phrase, -1)
+        else:
+            candidates = self._index(self.PREFIX).get(phrase[: self.PREFIX], [])
+        return next((i for i in candidates if self.caption.startswith(phrase, self.starts[i])), -1)
+
+    def _first_index(self, size: int) -> dict[str, int]:
+        """The first ``size`` characters of the words of at least that length -> the index of
+        the first such word."""
+        if size not in self._first_of:
+            words = list(enumerate(self._words))
+            self._first_of[size] = {w[:size]: i for i, w in reversed(words) if len(w) >= size}
+        return self._first_of[size]
+
+    def _index(self, size: int) -> dict[str, list[int]]:
+        """The first ``size`` characters of the words of at least that length (0: the whole
+        word) -> the indices of those words, ascending."""
+        if size not in self._all_of:
+            index: dict[str, list[int]] = {}
+            for i, word in enumerate(self._words):
+                if len(word) >= size:
+                    index.setdefault(word[:size] if size else word, []).append(i)
+            self._all_of[size] = index
+        return self._all_of[size]
 
 
 # --- writing ---------------------------------------------------------------------------------
 
 
-def phrase_span(caption: str, phrase: Phrase) -> tuple[int, int] | None:
-    """Where ``phrase`` sits in ``caption``: the characters from its first word on, if its
-    text is there (None otherwise, e.g. a phrase whose file did not place it)."""
-    starts = [word.start() for word in _WORD.finditer(caption)]
-    if not 0 <= phrase.first_word < len(starts):
+def phrase_span(words: CaptionWords, phrase: Phrase) -> tuple[int, int] | None:
+    """Where ``phrase`` sits in the caption of ``words``: the characters from its first word
+    on, if its text is there (None otherwise, e.g. a phrase whose file did not place it)."""
+    if not 0 <= phrase.first_word < len(words):
         return None
-    start = starts[phrase.first_word]
+    start = words.starts[phrase.first_word]
     end = start + len(phrase.text)
-    return (start, end) if caption[start:end] == phrase.text else None
+    return (start, end) if words.caption.startswith(phrase.text, start) else None
 
 
 def coordinate(value: float) -> int | float:

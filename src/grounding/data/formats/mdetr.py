@@ -49,6 +49,7 @@ from typing import Any
 
 from grounding.data.formats.grounded import (
     BadRecord,
+    CaptionWords,
     GroundedCaption,
     GroundedPhrase,
     PendingImage,
@@ -65,7 +66,6 @@ from grounding.data.formats.grounded import (
     span_text,
     spans,
     text,
-    words_before,
 )
 from grounding.data.records import Box, ImageRecord, Skipped
 from grounding.errors import FormatError
@@ -81,33 +81,43 @@ Spans = tuple[tuple[int, int], ...]
 
 @dataclass
 class _Entry:
-    """One ``images[]`` entry: a caption of a photo, its evaluated phrases, its boxes."""
+    """One ``images[]`` entry: a caption of a photo (its words), its evaluated phrases, its
+    boxes."""
 
     image: PendingImage
-    caption: str
+    words: CaptionWords
     one_based: bool
     evaluated: tuple[Spans, ...]
     annotations: list[tuple[Box, Spans]] = field(default_factory=list)
 
     def grounded(self) -> GroundedCaption:
-        """The caption with its phrases (see the module docstring), in caption order."""
+        """The caption with its phrases (see the module docstring), in caption order.
+
+        The evaluated phrases are indexed by their first span, so an annotation is matched
+        against the phrases that start with one of its spans, not against every phrase."""
         boxes: dict[Spans, list[Hashable]] = {phrase: [] for phrase in self.evaluated}
+        starting_with: dict[tuple[int, int], list[Spans]] = {}
+        for phrase in self.evaluated:
+            starting_with.setdefault(phrase[0], []).append(phrase)
         for box, named in self.annotations:
             taken: set[tuple[int, int]] = set()
-            for phrase in self.evaluated:
-                if set(phrase) <= set(named):
-                    boxes[phrase].append(box)
-                    taken.update(phrase)
+            named_set = set(named)
+            for span in named_set:
+                for phrase in starting_with.get(span, ()):
+                    if named_set.issuperset(phrase):
+                        boxes[phrase].append(box)
+                        taken.update(phrase)
             rest = tuple(span for span in named if span not in taken)
             if rest:
                 boxes.setdefault(rest, []).append(box)
+        caption = self.words.caption
         phrases = [
             GroundedPhrase(
-                span_text(self.caption, phrase), words_before(self.caption, phrase[0][0]), tuple(b)
+                span_text(caption, phrase), self.words.words_before(phrase[0][0]), tuple(b)
             )
             for phrase, b in sorted(boxes.items(), key=lambda item: item[0][0])
         ]
-        return GroundedCaption(self.caption, tuple(phrases))
+        return GroundedCaption(caption, tuple(phrases))
 
 
 class MdetrReader(SplitFilesReader):
@@ -200,19 +210,18 @@ class MdetrReader(SplitFilesReader):
         if not file_name:
             raise BadRecord("file_name is empty")
         width, height = image_size(entry)
-        caption = text(required(entry, "caption"), "caption")
-        evaluated = []
+        words = CaptionWords(text(required(entry, "caption"), "caption"))
+        evaluated: dict[Spans, None] = {}  # in order, each once
         for index, phrase in enumerate(
             json_list(entry.get("tokens_positive_eval") or [], "tokens_positive_eval")
         ):
-            phrase_spans = spans(phrase, caption, f"tokens_positive_eval[{index}]")
+            phrase_spans = spans(phrase, words, f"tokens_positive_eval[{index}]")
             if not phrase_spans:
                 raise BadRecord(f"tokens_positive_eval[{index}] has no span")
-            if phrase_spans not in evaluated:
-                evaluated.append(phrase_spans)
+            evaluated[phrase_spans] = None
         image = self._images.get(file_name, width, height, split, where)
         one_based = entry.get("dataset_name") in ONE_BASED_DATASETS
-        return entry_id, _Entry(image, caption, one_based, tuple(evaluated))
+        return entry_id, _Entry(image, words, one_based, tuple(evaluated))
 
     def _bad(self, source: str, reason: str) -> None:
         if not self.skip_bad_files:
@@ -224,7 +233,7 @@ def _annotation(annotation: dict[str, Any], entry: _Entry) -> tuple[Box, Spans]:
     x, y, w, h = numbers(required(annotation, "bbox"), "bbox [x, y, w, h]")
     x1, y1 = (x - 1, y - 1) if entry.one_based else (x, y)
     box = check_box(x1, y1, x + w, y + h, entry.image.width, entry.image.height)
-    named = spans(required(annotation, "tokens_positive"), entry.caption, "tokens_positive")
+    named = spans(required(annotation, "tokens_positive"), entry.words, "tokens_positive")
     return box, named
 
 
@@ -260,8 +269,9 @@ def write(records: Iterable[ImageRecord]) -> Written:
         for index, caption in enumerate(record.captions):
             entry_id = len(images)
             evaluated = []
+            words = CaptionWords(caption.text)
             for phrase in caption.phrases:
-                span = phrase_span(caption.text, phrase)
+                span = phrase_span(words, phrase)
                 if span is None:
                     written.leave_out("phrases not found in their caption")
                     continue
