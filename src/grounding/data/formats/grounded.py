@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import json
 import math
 import re
+import reprlib
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -40,6 +42,9 @@ from grounding.schemas import INT64_MAX, SPLITS
 CLIP_TOLERANCE = 1.0
 
 _WORD = re.compile(r"\S+")
+#: How a bad value is shown in a message: a 4,000-digit number or a 10 MB string is cut short.
+_SHOWN = reprlib.Repr()  # keyword arguments only from Python 3.12
+_SHOWN.maxlevel, _SHOWN.maxstring, _SHOWN.maxlong, _SHOWN.maxother = 3, 60, 40, 60
 
 
 class BadRecord(Exception):
@@ -217,6 +222,25 @@ def image_id_of(file_name: str) -> str:
 # --- JSON values ------------------------------------------------------------------------------
 
 
+def parse_json(text: str) -> Any:
+    """The JSON value of ``text``; :class:`BadRecord` saying why it is not one, also for what
+    Python's parser refuses beyond the grammar: nesting deeper than its recursion limit, an
+    integer of more than 4,300 digits."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise BadRecord(f"malformed JSON: {error.msg} (column {error.colno})") from None
+    except RecursionError:
+        raise BadRecord("malformed JSON: nested too deeply") from None
+    except ValueError as error:  # "Exceeds the limit (4300 digits) for integer string conversion"
+        raise BadRecord(f"malformed JSON: {str(error).split(';')[0]}") from None
+
+
+def shown(value: Any) -> str:
+    """``repr(value)``, cut short (see :data:`_SHOWN`)."""
+    return _SHOWN.repr(value)
+
+
 def json_object(value: Any, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise BadRecord(f"{what} is not a JSON object")
@@ -238,7 +262,7 @@ def required(record: Mapping[str, Any], name: str) -> Any:
 
 def text(value: Any, what: str) -> str:
     if not isinstance(value, str):
-        raise BadRecord(f"{what} is not a string: {value!r}")
+        raise BadRecord(f"{what} is not a string: {shown(value)}")
     return value
 
 
@@ -246,15 +270,17 @@ def whole_number(value: Any, what: str) -> int:
     """An integer given as a number or a string of digits (MDETR's Flickr30k files write the
     image size as strings)."""
     number: float = math.nan
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT64_MAX:
+        raise BadRecord(f"{what} is too large: {shown(value)}")
     if isinstance(value, int | float) and not isinstance(value, bool):
         number = float(value)
     elif isinstance(value, str):
         with contextlib.suppress(ValueError):  # not a number: reported below
             number = float(value)
     if not number.is_integer():
-        raise BadRecord(f"{what} is not a whole number: {value!r}")
+        raise BadRecord(f"{what} is not a whole number: {shown(value)}")
     if abs(number) > INT64_MAX:  # as a float: 2**63 and above
-        raise BadRecord(f"{what} is too large: {value!r}")
+        raise BadRecord(f"{what} is too large: {shown(value)}")
     return int(number)
 
 
@@ -268,15 +294,23 @@ def image_size(record: Mapping[str, Any]) -> tuple[int, int]:
 
 
 def numbers(value: Any, what: str) -> tuple[float, float, float, float]:
-    """Four finite numbers (a box's coordinates)."""
+    """Four finite numbers (a box's coordinates; an integer too large for a float is not
+    finite)."""
     if (
         not isinstance(value, list)
         or len(value) != 4
         or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
-        or not all(math.isfinite(v) for v in value)
+        or not all(_finite(v) for v in value)
     ):
-        raise BadRecord(f"{what} is not four numbers: {value!r}")
+        raise BadRecord(f"{what} is not four numbers: {shown(value)}")
     return float(value[0]), float(value[1]), float(value[2]), float(value[3])
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        return False
 
 
 def check_box(x1: float, y1: float, x2: float, y2: float, width: int, height: int) -> Box:
@@ -304,10 +338,12 @@ def spans(value: Any, words: CaptionWords, what: str) -> tuple[tuple[int, int], 
             or len(item) != 2
             or not all(isinstance(v, int) and not isinstance(v, bool) for v in item)
         ):
-            raise BadRecord(f"{what}: span {item!r} is not [start, end]")
+            raise BadRecord(f"{what}: span {shown(item)} is not [start, end]")
         start, end = item
         if not 0 <= start < end <= length:
-            raise BadRecord(f"{what}: span {item} lies outside the {length}-character caption")
+            raise BadRecord(
+                f"{what}: span {shown(item)} lies outside the {length}-character caption"
+            )
         if words.blank(start, end):
             raise BadRecord(f"{what}: span {item} of the caption is blank")
         result.append((start, end))

@@ -61,8 +61,10 @@ from grounding.data.formats.grounded import (
     json_list,
     json_object,
     numbers,
+    parse_json,
     phrase_span,
     required,
+    shown,
     span_text,
     spans,
     text,
@@ -144,20 +146,15 @@ class MdetrReader(SplitFilesReader):
 
     def read_file(self, path: Path, split: str) -> None:
         try:
-            data = path.read_bytes()
-            content = json.loads(data.decode("utf-8").removeprefix("\ufeff"))
-        except UnicodeDecodeError as error:
-            line = data.count(b"\n", 0, error.start) + 1
-            reason = f"not UTF-8 text ({error.reason} at byte {error.start})"
-            raise FormatError(str(path), reason, line) from None
-        except json.JSONDecodeError as error:
-            raise FormatError(str(path), f"malformed JSON: {error.msg}", error.lineno) from None
-        try:
-            top = json_object(content, "the file")
+            top = self._top(path)
             images = json_list(required(top, "images"), "images")
             annotations = json_list(required(top, "annotations"), "annotations")
+        except FormatError as error:
+            self._bad(error.source, error.reason, error.line)
+            return
         except BadRecord as error:
-            raise FormatError(str(path), str(error)) from None
+            self._bad(str(path), str(error))
+            return
         entries: dict[Hashable, _Entry] = {}
         left_out: set[Hashable] = set()
         for index, value in enumerate(images):
@@ -177,16 +174,19 @@ class MdetrReader(SplitFilesReader):
                 annotation = json_object(value, "the annotation")
                 image_id = required(annotation, "image_id")
                 if not isinstance(image_id, int | str):
-                    raise BadRecord(f"image_id is not a number or a string: {image_id!r}")
+                    raise BadRecord(f"image_id is not a number or a string: {shown(image_id)}")
                 if image_id in left_out:
                     self.skipped.append(
                         Skipped(
-                            str(path), f"{where}: its images[] entry (id {image_id!r}) is left out"
+                            str(path),
+                            f"{where}: its images[] entry (id {shown(image_id)}) is left out",
                         )
                     )
                     continue
                 if image_id not in entries:
-                    raise BadRecord(f"image_id {image_id!r} is not the id of an images[] entry")
+                    raise BadRecord(
+                        f"image_id {shown(image_id)} is not the id of an images[] entry"
+                    )
                 entry = entries[image_id]
                 box, named = _annotation(annotation, entry)
             except BadRecord as error:
@@ -203,9 +203,9 @@ class MdetrReader(SplitFilesReader):
         entry = json_object(value, "the entry")
         entry_id = required(entry, "id")
         if not isinstance(entry_id, int | str) or isinstance(entry_id, bool):
-            raise BadRecord(f"id is not a number or a string: {entry_id!r}")
+            raise BadRecord(f"id is not a number or a string: {shown(entry_id)}")
         if entry_id in earlier:
-            raise BadRecord(f"id {entry_id!r} is the id of an earlier entry")
+            raise BadRecord(f"id {shown(entry_id)} is the id of an earlier entry")
         file_name = text(required(entry, "file_name"), "file_name")
         if not file_name:
             raise BadRecord("file_name is empty")
@@ -223,10 +223,30 @@ class MdetrReader(SplitFilesReader):
         one_based = entry.get("dataset_name") in ONE_BASED_DATASETS
         return entry_id, _Entry(image, words, one_based, tuple(evaluated))
 
-    def _bad(self, source: str, reason: str) -> None:
+    def _top(self, path: Path) -> dict[str, Any]:
+        """The file's top JSON object; :class:`FormatError` naming the line where one is
+        known, :class:`BadRecord` otherwise (nested too deeply, a number too long, ...)."""
+        data = path.read_bytes()
+        try:
+            text = data.decode("utf-8").removeprefix("\ufeff")
+        except UnicodeDecodeError as error:
+            line = data.count(b"\n", 0, error.start) + 1
+            reason = f"not UTF-8 text ({error.reason} at byte {error.start})"
+            raise FormatError(str(path), reason, line) from None
+        try:
+            content = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise FormatError(str(path), f"malformed JSON: {error.msg}", error.lineno) from None
+        except (RecursionError, ValueError):
+            content = parse_json(text)  # raises BadRecord saying why
+        return json_object(content, "the file")
+
+    def _bad(self, source: str, reason: str, line: int | None = None) -> None:
+        """A bad record (or a whole file) of ``source``: an error, or left out and listed with
+        ``skip_bad_files``."""
         if not self.skip_bad_files:
-            raise FormatError(source, reason)
-        self.skipped.append(Skipped(source, reason))
+            raise FormatError(source, reason, line)
+        self.skipped.append(Skipped(source, reason, line))
 
 
 def _annotation(annotation: dict[str, Any], entry: _Entry) -> tuple[Box, Spans]:

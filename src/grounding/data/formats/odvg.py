@@ -63,6 +63,7 @@ from grounding.data.formats.grounded import (
     json_list,
     json_object,
     numbers,
+    parse_json,
     phrase_span,
     required,
     span_text,
@@ -133,11 +134,7 @@ class OdvgReader(SplitFilesReader):
             raise BadRecord(f"not UTF-8 text ({error.reason})") from None
         if not line.strip():
             return
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise BadRecord(f"malformed JSON: {error.msg} (column {error.colno})") from None
-        record = _parse_record(value)
+        record = _parse_record(parse_json(line))
         image = self._images.get(record.file_name, record.width, record.height, split, where)
         _check_box_ids(image, record.boxes)
         for key, box in record.boxes.items():
