@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -127,6 +128,7 @@ def _convert(args: argparse.Namespace) -> None:
     if not args.params.is_file():
         raise ConfigError(f"{args.params}: no params file (it names each split's file)")
     data = load_params(args.params).data
+    _check_output(args.output, data.split_files(target.name).values(), force=args.force)
     reader = source.open(
         args.input,
         splits=args.input / data.splits,
@@ -141,14 +143,31 @@ def _convert(args: argparse.Namespace) -> None:
                 f"data.{target.name}.{split} is null in {args.params}, but {count} images are "
                 f"in the {split} split"
             )
+    io.write_all(
+        {str(name): written.texts[split] for split, name in files.items()}, args.output, "OUT"
+    )
     for split, name in files.items():
-        io.write_text(written.texts[split], args.output / name)
         print(f"{args.output / name}: {written.images[split]:,} images")
     left_out = dict(written.left_out)
     if reader.skipped:
         left_out["records that break the format (--skip-bad-files)"] = len(reader.skipped)
     for reason, count in left_out.items():
         print(f"left out: {count:,} {reason}")
+
+
+def _check_output(folder: Path, names: Iterable[Path], *, force: bool) -> None:
+    """Before converting: :class:`DataError` if the files ``names`` cannot all be written in
+    ``folder``, or if some exist and ``force`` is not set."""
+    io.check_writable_folder(folder, "OUT")
+    paths = [folder / name for name in names]
+    for path in paths:
+        io.check_writable_file(path, "OUT")
+    existing = [str(path) for path in paths if path.exists()]
+    if existing and not force:
+        raise DataError(
+            f"OUT {folder}: {', '.join(existing)} exist(s); pass --force to replace "
+            f"{'it' if len(existing) == 1 else 'them'}"
+        )
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -346,7 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
             "another, each split to the file that params.yaml names for it (data.odvg, "
             "data.mdetr), so that the pipeline reads OUT with -S data.format=... -S "
             "data.root=OUT. Images are not copied: keep them in data.images under OUT. What "
-            "the target format cannot hold is counted on the last lines."
+            "the target format cannot hold is counted on the last lines. Every file is "
+            "written, or none: existing files are replaced only with --force."
         ),
     )
     convert.add_argument(
@@ -370,6 +390,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=Path("params.yaml"),
         help="params file whose data section names each split's file (default %(default)s)",
+    )
+    convert.add_argument(
+        "--force",
+        action="store_true",
+        help="replace the files already in OUT (without it, existing files stop the command)",
     )
     convert.add_argument(
         "--skip-bad-files",
