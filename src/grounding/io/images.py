@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 #: attack). Below Pillow's own bomb limit (``Image.MAX_IMAGE_PIXELS``, 89 Mpx), so Pillow
 #: never decodes an image this refuses.
 MAX_IMAGE_PIXELS = 60_000_000
+#: The smallest image side a grounder accepts (the backbone's stride is 32 pixels): an image
+#: decoded shrunk (``max_side``) keeps at least this many pixels on each side.
+MIN_IMAGE_SIDE = 32
 #: The most bytes an image file may have: 4 bytes a pixel of the largest image accepted (an
 #: uncompressed RGBA file), and room for its header and metadata.
 MAX_IMAGE_BYTES = 4 * MAX_IMAGE_PIXELS + 16_000_000
@@ -102,7 +105,7 @@ def decode_image(data: bytes | BinaryIO, name: str, *, max_side: int | None = No
                 orientation = image.getexif().get(ORIENTATION, 1)
                 width, height = image.size
                 if max_side is not None:
-                    shrink = max_side / max(width, height)
+                    shrink = max(max_side / max(width, height), MIN_IMAGE_SIDE / min(width, height))
                     image.draft("RGB", (math.ceil(width * shrink), math.ceil(height * shrink)))
                 displayed = _eight_bit(ImageOps.exif_transpose(image), name)
                 if max_side is not None:
@@ -125,8 +128,9 @@ def decode_image(data: bytes | BinaryIO, name: str, *, max_side: int | None = No
 
 def _reduced(image: Image.Image, max_side: int) -> Image.Image:
     """``image`` shrunk by the largest whole factor that keeps its longer side at least
-    ``max_side`` (itself when that factor is 1)."""
-    factor = max(image.size) // max_side
+    ``max_side`` and its shorter side at least :data:`MIN_IMAGE_SIDE` (itself when that
+    factor is 1)."""
+    factor = min(max(image.size) // max_side, min(image.size) // MIN_IMAGE_SIDE)
     if factor < 2:
         return image
     if image.mode not in _REDUCIBLE:
