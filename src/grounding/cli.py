@@ -44,7 +44,7 @@ def _sample(args: argparse.Namespace) -> None:
 
 def _predict(args: argparse.Namespace) -> None:
     from grounding.config import check_device_spec
-    from grounding.inference.grounder import check_phrases, phrases_from_caption
+    from grounding.inference.grounder import check_phrases, check_size, phrases_from_caption
 
     phrases = list(args.phrase)
     for caption in args.caption:
@@ -59,6 +59,7 @@ def _predict(args: argparse.Namespace) -> None:
     if not args.no_cache:
         io.check_writable_folder(args.cache, "--cache")
     image = io.read_image(args.image)  # before the model: a bad image fails fast
+    check_size(image.size, str(args.image))  # a 1x1 or 1x50000 image too
     check_device_spec(args.device, "--device")  # before the model: a bad name fails fast
     started = time.perf_counter()
     grounder, out_of_memory_hint = _placed(
@@ -108,13 +109,18 @@ def _placed(
 
 
 def _read_phrases(path: Path) -> list[str]:
-    """One phrase per line; blank lines are skipped."""
+    """One phrase per line (UTF-8, a byte order mark ignored; lines end at ``\n``, ``\r\n`` or
+    ``\r``, not at U+2028 or the other separators ``str.splitlines`` knows, which are part of
+    a phrase); blank lines are skipped."""
+    from grounding.data.formats.flickr30k import text_lines
+
+    if path.exists() and not path.is_file():
+        raise DataError(f"{path}: cannot read phrases (not a regular file)")
     try:
-        # utf-8-sig: a byte order mark is not part of the first phrase
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise DataError(f"{path}: cannot read phrases ({error})") from None
-    return [line for line in lines if line.strip()]
+        data = path.read_bytes()
+    except OSError as error:
+        raise DataError(f"{path}: cannot read phrases ({error.strerror})") from None
+    return [line for line in text_lines(data, str(path)) if line.strip()]
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -276,14 +282,16 @@ def _grounder_of(loaded: object, model: str) -> Grounder:
     return grounder
 
 
-def _positive_int(text: str) -> int:
-    """An argparse type: a whole number >= 1."""
+def _top_k(text: str) -> int:
+    """An argparse type: a whole number in ``1..MAX_TOP_K``."""
+    from grounding.inference.grounder import MAX_TOP_K
+
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a whole number") from None
+    if not 1 <= value <= MAX_TOP_K:
+        raise argparse.ArgumentTypeError(f"{value} is not in 1..{MAX_TOP_K}")
     return value
 
 
@@ -338,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"{TRAINED_GROUNDER}, or the packaged Flickr30k grounder when that does not exist",
     )
     predict.add_argument(
-        "--top-k", type=_positive_int, default=1, help="boxes per phrase, >= 1 (default 1)"
+        "--top-k", type=_top_k, default=1, help="boxes per phrase, 1 to 1000 (default 1)"
     )
     predict.add_argument(
         "--out", type=Path, help="also draw the boxes and phrases on the image (.png, .jpg, ...)"
