@@ -111,10 +111,11 @@ def test_32_bit_integer_pixels_of_16_bit_values_are_scaled_and_others_refused() 
         io.decode_image(tiff(np.full((4, 4), 70_000)), "wide.tif")
 
 
-def jpeg_with_orientation(orientation: int) -> bytes:
-    """A 40x20 JPEG as stored, red on the left half, blue on the right, EXIF-tagged."""
-    image = Image.new("RGB", (40, 20), (255, 0, 0))
-    image.paste((0, 0, 255), (20, 0, 40, 20))
+def jpeg_with_orientation(orientation: int, scale: int = 1) -> bytes:
+    """A 40x20 JPEG (times ``scale``) as stored, red on the left half, blue on the right,
+    EXIF-tagged."""
+    image = Image.new("RGB", (40 * scale, 20 * scale), (255, 0, 0))
+    image.paste((0, 0, 255), (20 * scale, 0, 40 * scale, 20 * scale))
     exif = Image.Exif()
     exif[0x0112] = orientation
     buffer = bytes_io.BytesIO()
@@ -242,8 +243,11 @@ def test_max_side_decodes_no_larger_than_needed(tmp_path: Path) -> None:
     small = io.read_image(tmp_path / "wide.png", max_side=1000)  # 2000 // 1000: by 2
     assert small.size == (1000, 500)
     assert "full_size" not in io.read_image(tmp_path / "wide.png", max_side=1500).info
-    turned = io.decode_image(jpeg_with_orientation(6), "phone.jpg", max_side=16)
-    assert turned.info["full_size"] == (20, 40) and max(turned.size) >= 16
+    turned = io.decode_image(jpeg_with_orientation(6, scale=10), "phone.jpg", max_side=100)
+    assert turned.size == (50, 100) and turned.info["full_size"] == (200, 400)  # drafted by 4
+    # never shrunk below 32 pixels a side, which a grounder needs
+    thin = io.decode_image(jpeg_with_orientation(6), "phone.jpg", max_side=16)
+    assert thin.size == (20, 40) and "full_size" not in thin.info
 
 
 # --- present_files and ImageFolder ----------------------------------------------------------

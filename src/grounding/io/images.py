@@ -100,17 +100,21 @@ def decode_image(data: bytes | BinaryIO, name: str, *, max_side: int | None = No
             # Pillow warns, and decodes, up to twice its limit: here that is an error. (Not
             # thread-safe before Python 3.14; a race only leaves or drops this one filter.)
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(data) as image:  # reads the header only
-                check_pixels(image.size, name)
-                orientation = image.getexif().get(ORIENTATION, 1)
-                width, height = image.size
-                if max_side is not None:
-                    shrink = max(max_side / max(width, height), MIN_IMAGE_SIDE / min(width, height))
-                    image.draft("RGB", (math.ceil(width * shrink), math.ceil(height * shrink)))
-                displayed = _eight_bit(ImageOps.exif_transpose(image), name)
-                if max_side is not None:
-                    displayed = _reduced(displayed, max_side)
-                displayed = displayed.convert("RGB")
+            image = Image.open(data)  # reads the header only
+        check_pixels(image.size, name)
+        orientation = image.getexif().get(ORIENTATION, 1)
+        width, height = image.size
+        if max_side is not None:
+            shrink = max(max_side / max(width, height), MIN_IMAGE_SIDE / min(width, height))
+            image.draft("RGB", (math.ceil(width * shrink), math.ceil(height * shrink)))
+        # each step makes a new image only when it changes the pixels: one full-size copy
+        if orientation != 1:
+            image = ImageOps.exif_transpose(image)
+        image = _eight_bit(image, name)
+        if max_side is not None:
+            image = _reduced(image, max_side)
+        displayed = image if image.mode == "RGB" else image.convert("RGB")
+        displayed.load()  # before the file is closed
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         limit = min(MAX_IMAGE_PIXELS, Image.MAX_IMAGE_PIXELS or MAX_IMAGE_PIXELS)
         raise DataError(
