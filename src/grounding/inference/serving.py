@@ -58,6 +58,16 @@ DEVICE_VARIABLE = "GROUNDING_DEVICE"
 #: The environment variable bounding how many requests a served model grounds at once.
 CONCURRENCY_VARIABLE = "GROUNDING_CONCURRENCY"
 DEFAULT_CONCURRENCY = 2
+#: The ceiling: the most memory (MB) one grounding in flight adds to a served model at rest:
+#: one image decoded whole (at most 4 bytes x 60 Mpx = 240 MB) and the models' work at
+#: ``decode_side``. A server stays under rest + GROUNDING_CONCURRENCY x this (with
+#: ``--workers N``, per worker), plus the bodies of the requests that wait.
+MEMORY_PER_GROUNDING_MB = 500
+#: Pillow allocates an image in blocks of this many bytes. Above glibc's largest mmap
+#: threshold (32 MB) each block is a mapping of its own, given back to the system when the
+#: image is freed; Pillow's default 16 MB blocks stay in the allocator's arenas, and a burst
+#: of huge images left the server hundreds of MB larger after each burst.
+IMAGE_BLOCK_BYTES = 64 * 2**20
 #: The most characters of an error message, the request it may repeat included.
 ECHO_LIMIT = 2000
 INPUT_COLUMNS = ("image", "phrase")
@@ -233,6 +243,7 @@ class GrounderModel(mlflow.pyfunc.PythonModel):
         from grounding.modeling.device import resolve_device
 
         self.slots = threading.BoundedSemaphore(concurrency())
+        Image.core.set_block_size(IMAGE_BLOCK_BYTES)
         guard_scoring_server()
         path = Path(context.artifacts["grounder"])
         if is_onnx_export(path):  # onnxruntime on the CPU: GROUNDING_DEVICE does not apply
