@@ -8,6 +8,13 @@ latency's median and 95th percentile, the requests per second, the failed reques
 server's resident memory (all its processes) before the load, at its peak and after: memory
 that grows with the requests is a leak. ``--out`` also writes the figures as JSON.
 
+Then ``--bursts`` bursts (default 2) of ``--burst`` requests at once (default 8), each one
+PNG of ``--burst-side`` x ``--burst-side`` pixels (default 7700: 59.3 Mpx, just under the
+60 Mpx cap, about 230 KB), and the server's memory at each burst's peak and once it has
+settled (5 s after): with requests grounded ``GROUNDING_CONCURRENCY`` at a time and images
+decoded at the size the models need, the peak stays under the ceiling the README states and a
+second burst does not go higher than the first.
+
     python -m benchmarks.load --model models/grounder.safetensors --requests 200
 """
 
@@ -44,8 +51,44 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--image", type=Path, help="the image (default: the first real one)")
     parser.add_argument("--requests", type=int, default=200, help="requests to send")
     parser.add_argument("--concurrency", type=int, default=4, help="clients at once")
+    parser.add_argument("--burst", type=int, default=8, help="huge images sent at once")
+    parser.add_argument("--bursts", type=int, default=2, help="bursts to send (0: none)")
+    parser.add_argument("--burst-side", type=int, default=7700, help="side of the huge images")
     parser.add_argument("--out", type=Path, help="write the figures here (JSON)")
     return parser.parse_args(argv)
+
+
+def huge_png(side: int) -> bytes:
+    """A ``side`` x ``side`` PNG of a few shapes: large in pixels, small as a file (about
+    230 KB at 7700)."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (side, side), (120, 160, 200))
+    draw = ImageDraw.Draw(image)
+    for start in range(0, side, max(1, side // 11)):
+        draw.rectangle([start, start, start + side // 15, start + side // 8], fill=(200, 30, 40))
+        draw.ellipse(
+            [side - start - side // 12, start, side - start, start + side // 12], fill=(20, 180, 40)
+        )
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def bursts(url: str, body: bytes, size: int, rounds: int, pid: int) -> dict[str, float]:
+    """``rounds`` bursts of ``size`` requests at once; each one's errors, peak and settled
+    memory (MB)."""
+    figures: dict[str, float] = {}
+    for round_ in range(1, rounds + 1):
+        burst = load(url, body, size, size, pid)
+        time.sleep(5)
+        figures[f"burst{round_}_errors"] = burst["errors"]
+        figures[f"burst{round_}_seconds"] = burst["wall_s"]
+        figures[f"burst{round_}_rss_peak_mb"] = burst["rss_peak_mb"]
+        figures[f"burst{round_}_rss_settled_mb"] = tree_rss_mb(pid)
+    return figures
 
 
 def default_image() -> Path:
@@ -156,6 +199,7 @@ def load(url: str, body: bytes, requests: int, concurrency: int, pid: int) -> di
         "p95_s": seconds[min(len(seconds) - 1, round(0.95 * (len(seconds) - 1)))],
         "requests_per_s": requests / wall,
         "errors": sum(status != 200 for status, _ in results),
+        "wall_s": wall,
         "rss_peak_mb": max(peak),
     }
 
@@ -164,9 +208,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if not args.model.is_file():
         raise SystemExit(f"{args.model}: no grounder; train one with `dvc repro`")
-    if args.requests < 1 or args.concurrency < 1:
-        raise SystemExit("--requests and --concurrency must be >= 1")
-    from grounding.inference.serving import encode_image
+    if args.requests < 1 or args.concurrency < 1 or args.burst < 1 or args.bursts < 0:
+        raise SystemExit("--requests, --concurrency and --burst must be >= 1, --bursts >= 0")
+    from grounding.inference.serving import (
+        CONCURRENCY_VARIABLE,
+        DEFAULT_CONCURRENCY,
+        MEMORY_PER_GROUNDING_MB,
+        encode_image,
+    )
 
     image = args.image or default_image()
     data = [[encode_image(image.read_bytes()), phrase] for phrase in PHRASES]
@@ -190,18 +239,30 @@ def main(argv: list[str] | None = None) -> None:
             before = tree_rss_mb(server.pid)
             figures = load(url, body, args.requests, args.concurrency, server.pid)
             after = tree_rss_mb(server.pid)
+            if args.bursts:
+                data = [[encode_image(huge_png(args.burst_side)), PHRASES[0]]]
+                huge = {"dataframe_split": {"columns": ["image", "phrase"], "data": data}}
+                figures |= bursts(
+                    url, json.dumps(huge).encode(), args.burst, args.bursts, server.pid
+                )
         finally:
             os.killpg(server.pid, signal.SIGTERM)
             server.wait(timeout=60)
+    slots = int(os.environ.get(CONCURRENCY_VARIABLE, DEFAULT_CONCURRENCY))
+    ceiling = before + slots * MEMORY_PER_GROUNDING_MB
+    peaks = [value for name, value in figures.items() if name.endswith("_rss_peak_mb")]
     results: dict[str, float | int | str] = {
         "image": image.name,
         "phrases": len(PHRASES),
         "requests": args.requests,
         "concurrency": args.concurrency,
+        "grounding_concurrency": slots,
         "first_request_s": first,
         **figures,
         "rss_before_mb": before,
         "rss_after_mb": after,
+        "rss_ceiling_mb": ceiling,
+        "ceiling_holds": str(max(peaks) <= ceiling),
     }
     for name, value in results.items():
         print(f"{name:18} {value:.3f}" if isinstance(value, float) else f"{name:18} {value}")

@@ -276,6 +276,33 @@ def test_a_phrases_file_with_a_byte_order_mark_and_any_line_ends(tmp_path: Path)
     phrases = tmp_path / "phrases.txt"
     phrases.write_bytes(b"\xef\xbb\xbfa red box\r\ra blue box\r\nthe grey background\n")
     assert _read_phrases(phrases) == ["a red box", "a blue box", "the grey background"]
+    # U+2028 (and form feed, U+0085) end a line for str.splitlines, not in a phrases file
+    phrases.write_text("a man\u2028in red\na dog\x0cbarking\u0085loudly\n", encoding="utf-8")
+    assert _read_phrases(phrases) == ["a man\u2028in red", "a dog\x0cbarking\u0085loudly"]
+
+
+@pytest.mark.parametrize("kind", ["device", "folder", "not utf-8"])
+def test_a_phrases_file_that_cannot_be_read_is_one_line(
+    kind: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "x.jpg").write_bytes(jpeg_bytes(64, 64))
+    phrases = {"device": Path("/dev/zero"), "folder": tmp_path}.get(kind, tmp_path / "p.txt")
+    (tmp_path / "p.txt").write_bytes(b"a man\n\xff\n")
+    argv = ["predict", str(tmp_path / "x.jpg"), "--phrases-file", str(phrases)]
+    message = "not UTF-8 text" if kind == "not utf-8" else "cannot read phrases"
+    assert message in _fails(argv, capsys)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (1, 50_000), (31, 64)])
+def test_an_image_too_small_to_ground_is_refused_before_the_model_loads(
+    size: tuple[int, int], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    image = tmp_path / "thin.png"
+    Image.new("RGB", size).save(image)
+    # the model does not exist: were it loaded first, that would be the error
+    argv = ["predict", str(image), "--phrase", "a", "--model", str(tmp_path / "none.safetensors")]
+    width, height = size
+    assert f"{image} is {width}x{height} pixels; at least 32 on each side" in _fails(argv, capsys)
 
 
 # --- the checks that come before any model is loaded or any phrase grounded ------------------
@@ -372,8 +399,10 @@ def test_an_unwritable_cache_folder_is_one_line(
     assert "--cache locked/cache: cannot write in" in _fails(argv, capsys)
 
 
-@pytest.mark.parametrize("value", ["0", "-2", "two"])
-def test_top_k_below_one_is_refused_before_anything_is_loaded(
+@pytest.mark.parametrize(
+    "value", ["0", "-2", "two", "1001", "1000000000000", "9" * 5000], ids=lambda v: v[:13]
+)
+def test_top_k_outside_1_to_1000_is_refused_before_anything_is_loaded(
     value: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = ["predict", str(tmp_path / "absent.jpg"), "--phrase", "a", "--top-k", value]

@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -43,7 +44,7 @@ def _sample(args: argparse.Namespace) -> None:
 
 def _predict(args: argparse.Namespace) -> None:
     from grounding.config import check_device_spec
-    from grounding.inference.grounder import check_phrases, phrases_from_caption
+    from grounding.inference.grounder import check_phrases, check_size, phrases_from_caption
 
     phrases = list(args.phrase)
     for caption in args.caption:
@@ -58,6 +59,7 @@ def _predict(args: argparse.Namespace) -> None:
     if not args.no_cache:
         io.check_writable_folder(args.cache, "--cache")
     image = io.read_image(args.image)  # before the model: a bad image fails fast
+    check_size(image.size, str(args.image))  # a 1x1 or 1x50000 image too
     check_device_spec(args.device, "--device")  # before the model: a bad name fails fast
     started = time.perf_counter()
     grounder, out_of_memory_hint = _placed(
@@ -107,13 +109,18 @@ def _placed(
 
 
 def _read_phrases(path: Path) -> list[str]:
-    """One phrase per line; blank lines are skipped."""
+    """One phrase per line (UTF-8, a byte order mark ignored; lines end at ``\n``, ``\r\n`` or
+    ``\r``, not at U+2028 or the other separators ``str.splitlines`` knows, which are part of
+    a phrase); blank lines are skipped."""
+    from grounding.data.formats.flickr30k import text_lines
+
+    if path.exists() and not path.is_file():
+        raise DataError(f"{path}: cannot read phrases (not a regular file)")
     try:
-        # utf-8-sig: a byte order mark is not part of the first phrase
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise DataError(f"{path}: cannot read phrases ({error})") from None
-    return [line for line in lines if line.strip()]
+        data = path.read_bytes()
+    except OSError as error:
+        raise DataError(f"{path}: cannot read phrases ({error.strerror})") from None
+    return [line for line in text_lines(data, str(path)) if line.strip()]
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -127,6 +134,7 @@ def _convert(args: argparse.Namespace) -> None:
     if not args.params.is_file():
         raise ConfigError(f"{args.params}: no params file (it names each split's file)")
     data = load_params(args.params).data
+    _check_output(args.output, data.split_files(target.name).values(), force=args.force)
     reader = source.open(
         args.input,
         splits=args.input / data.splits,
@@ -141,14 +149,31 @@ def _convert(args: argparse.Namespace) -> None:
                 f"data.{target.name}.{split} is null in {args.params}, but {count} images are "
                 f"in the {split} split"
             )
+    io.write_all(
+        {str(name): written.texts[split] for split, name in files.items()}, args.output, "OUT"
+    )
     for split, name in files.items():
-        io.write_text(written.texts[split], args.output / name)
         print(f"{args.output / name}: {written.images[split]:,} images")
     left_out = dict(written.left_out)
     if reader.skipped:
         left_out["records that break the format (--skip-bad-files)"] = len(reader.skipped)
     for reason, count in left_out.items():
         print(f"left out: {count:,} {reason}")
+
+
+def _check_output(folder: Path, names: Iterable[Path], *, force: bool) -> None:
+    """Before converting: :class:`DataError` if the files ``names`` cannot all be written in
+    ``folder``, or if some exist and ``force`` is not set."""
+    io.check_writable_folder(folder, "OUT")
+    paths = [folder / name for name in names]
+    for path in paths:
+        io.check_writable_file(path, "OUT")
+    existing = [str(path) for path in paths if path.exists()]
+    if existing and not force:
+        raise DataError(
+            f"OUT {folder}: {', '.join(existing)} exist(s); pass --force to replace "
+            f"{'it' if len(existing) == 1 else 'them'}"
+        )
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -257,14 +282,16 @@ def _grounder_of(loaded: object, model: str) -> Grounder:
     return grounder
 
 
-def _positive_int(text: str) -> int:
-    """An argparse type: a whole number >= 1."""
+def _top_k(text: str) -> int:
+    """An argparse type: a whole number in ``1..MAX_TOP_K``."""
+    from grounding.inference.grounder import MAX_TOP_K
+
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a whole number") from None
+    if not 1 <= value <= MAX_TOP_K:
+        raise argparse.ArgumentTypeError(f"{value} is not in 1..{MAX_TOP_K}")
     return value
 
 
@@ -319,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"{TRAINED_GROUNDER}, or the packaged Flickr30k grounder when that does not exist",
     )
     predict.add_argument(
-        "--top-k", type=_positive_int, default=1, help="boxes per phrase, >= 1 (default 1)"
+        "--top-k", type=_top_k, default=1, help="boxes per phrase, 1 to 1000 (default 1)"
     )
     predict.add_argument(
         "--out", type=Path, help="also draw the boxes and phrases on the image (.png, .jpg, ...)"
@@ -348,7 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
             "data.format=... -S data.root=OUT. Images are not copied: keep them in data.images "
             "under OUT. labelstudio writes tasks whose predictions a reviewer corrects in Label "
             "Studio (docs/annotation.md). What the target format cannot hold is counted on the "
-            "last lines."
+            "last lines. Every file is written, or none: existing files are replaced only with "
+            "--force."
         ),
     )
     convert.add_argument(
@@ -372,6 +400,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=Path("params.yaml"),
         help="params file whose data section names each split's file (default %(default)s)",
+    )
+    convert.add_argument(
+        "--force",
+        action="store_true",
+        help="replace the files already in OUT (without it, existing files stop the command)",
     )
     convert.add_argument(
         "--skip-bad-files",

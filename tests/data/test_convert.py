@@ -207,3 +207,57 @@ def test_labelstudio_tasks_reviewed_as_they_are_read_back_as_the_boxed_phrases(
     assert sorted(zip(distinct["image_id"], distinct["text"], strict=True)) == sorted(
         zip(after.phrases["image_id"], after.phrases["text"], strict=True)
     )
+
+
+def test_convert_writes_every_file_or_none_and_replaces_only_with_force(
+    flickr: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    convert("flickr30k", "odvg", flickr, out)
+    train = out / "train.jsonl"
+    written = {path.name: path.read_bytes() for path in out.iterdir()}
+    assert sorted(written) == ["test.jsonl", "train.jsonl", "val.jsonl"]
+    train.write_text("older\n")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        convert("flickr30k", "odvg", flickr, out)
+    err = capsys.readouterr().err
+    assert exited.value.code == 1 and len(err.splitlines()) == 1
+    assert err.startswith(f"error: OUT {out}: {train}, {out / 'val.jsonl'}, ")
+    assert err.rstrip().endswith("exist(s); pass --force to replace them")
+    assert train.read_text() == "older\n"  # not replaced
+    convert("flickr30k", "odvg", flickr, out, "--force")
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == written  # no staging left
+
+    # a target that is a folder: nothing written, not even the files before it
+    fresh = tmp_path / "fresh"
+    (fresh / "val.jsonl").mkdir(parents=True)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        convert("flickr30k", "odvg", flickr, fresh, "--force")
+    err = capsys.readouterr().err
+    assert err == f"error: OUT {fresh / 'val.jsonl'}: a folder, not a file\n"
+    assert [path.name for path in fresh.iterdir()] == ["val.jsonl"]
+
+    # OUT itself a file
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(SystemExit):
+        convert("flickr30k", "odvg", flickr, tmp_path / "a-file")
+    assert capsys.readouterr().err == f"error: OUT {tmp_path / 'a-file'}: a file, not a folder\n"
+
+
+def test_a_line_python_cannot_parse_is_one_error_line_and_skipped_with_the_option(
+    flickr: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    convert("flickr30k", "odvg", flickr, tmp_path / "a")
+    train = tmp_path / "a" / "train.jsonl"
+    lines = train.read_text().splitlines()
+    hostile = ["[" * 100_000 + "]" * 100_000, '{"filename": "9.jpg", "width": ' + "9" * 5000 + "}"]
+    train.write_text("\n".join([*lines, *hostile]) + "\n")
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        convert("odvg", "mdetr", tmp_path / "a", tmp_path / "b")
+    err = capsys.readouterr().err
+    assert err == f"error: {train}:{len(lines) + 1}: malformed JSON: nested too deeply\n"
+    convert("odvg", "mdetr", tmp_path / "a", tmp_path / "b", "--skip-bad-files")
+    assert "left out: 2 records that break the format" in capsys.readouterr().out

@@ -363,6 +363,16 @@ def test_chain_id_outside_int64_in_a_caption_names_the_line() -> None:
         parse_sentences(text, "s.txt")
 
 
+def test_a_chain_id_of_5000_digits_is_a_located_error_cut_short() -> None:
+    # int() refuses more than 4,300 digits with a ValueError: no traceback, no 5,000 digits
+    text = f"[/EN#{'9' * 5000}/people A man] runs .\n".encode()
+    with pytest.raises(FormatError, match=r"^s\.txt:1: chain id 9{60}\.\.\. is not in"):
+        parse_sentences(text, "s.txt")
+    xml = one_object(object_xml([1, 2], (1, 1, 5, 5))).replace(b">2<", b">" + b"9" * 5000 + b"<")
+    with pytest.raises(FormatError, match=rf"^{SOURCE}:10: chain id 9{{60}}\.\.\. is not in"):
+        parse_annotation(xml, SOURCE)
+
+
 def test_unicode_line_separator_inside_a_caption_does_not_split_it() -> None:
     text = "[/EN#1/people A man] in a caf\u00e9\u2028 hat .\n".encode()
     assert len(parse_sentences(text, "s.txt")) == 1

@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from grounding.data.formats.grounded import (
     BadRecord,
+    CaptionWords,
     GroundedCaption,
     GroundedPhrase,
     PendingImages,
     check_box,
     image_id_of,
     image_record,
-    locate,
     phrase_span,
     spans,
     whole_number,
-    words_before,
 )
 from grounding.data.records import Box, Entity, Phrase
 
@@ -108,7 +112,7 @@ def test_boxes_must_have_area_and_lie_inside_up_to_a_pixel_of_rounding() -> None
 
 
 def test_spans_are_checked_against_the_caption() -> None:
-    caption = "a man and a dog"
+    caption = CaptionWords("a man and a dog")
     assert spans([[10, 15], [0, 5]], caption, "tokens_positive") == ((0, 5), (10, 15))
     with pytest.raises(BadRecord, match=r"span \[10, 16\] lies outside the 15-character caption"):
         spans([[10, 16]], caption, "tokens_positive")
@@ -116,6 +120,9 @@ def test_spans_are_checked_against_the_caption() -> None:
         spans([[5, 5]], caption, "tokens_positive")
     with pytest.raises(BadRecord, match="is blank"):
         spans([[5, 6]], caption, "tokens_positive")
+    with pytest.raises(BadRecord, match="is blank"):
+        spans([[1, 5]], CaptionWords("a    man"), "tokens_positive")
+    assert spans([[1, 6]], CaptionWords("a    man"), "tokens_positive") == ((1, 6),)
     with pytest.raises(BadRecord, match="is not \\[start, end\\]"):
         spans([[1, 2, 3]], caption, "tokens_positive")
     with pytest.raises(BadRecord, match="is not a list"):
@@ -123,13 +130,95 @@ def test_spans_are_checked_against_the_caption() -> None:
 
 
 def test_words_and_spans_of_a_phrase() -> None:
-    caption = "A  man  and a man ."  # two spaces: offsets are not word counts
-    assert words_before(caption, 0) == 0
-    assert words_before(caption, 13) == 4
-    assert locate(caption, "a man") == 3
-    assert locate(caption, "man") == 1
-    assert locate(caption, "woman") == -1
+    caption = CaptionWords("A  man  and a man .")  # two spaces: offsets are not word counts
+    assert caption.words_before(0) == 0
+    assert caption.words_before(13) == 4
+    assert caption.words_before(12) == 3  # "a" starts at 12: not before it
+    assert caption.locate("a man") == 3
+    assert caption.locate("man") == 1
+    assert caption.locate("ma") == 1  # a phrase may end inside a word
+    assert caption.locate("and a") == 2
+    assert caption.locate("A man") == -1  # two spaces in the caption
+    assert caption.locate("woman") == -1
+    assert caption.locate(" man") == -1
     assert phrase_span(caption, Phrase("a man", 1, (), 3)) == (12, 17)
     assert phrase_span(caption, Phrase("man", 1, (), 1)) == (3, 6)
     assert phrase_span(caption, Phrase("a dog", 1, (), 3)) is None  # not where it says
     assert phrase_span(caption, Phrase("man", 1, (), -1)) is None
+
+
+# --- hostile files: reading time linear in the file's size ------------------------------------
+
+
+def _long_caption(size: int) -> tuple[str, int]:
+    """A caption of about ``size`` characters, of 7-character words ``w000123``, and its word
+    count."""
+    count = size // 8
+    return " ".join(f"w{i:06d}" for i in range(count)), count
+
+
+def _hostile_odvg(size: int) -> str:
+    """One ODVG line of about ``size`` bytes: half a long caption, half regions placed near its
+    end, by text (one word, two words, not in the caption) or by a span."""
+    caption, count = _long_caption(size // 2)
+    regions, written = [], 0
+    while written < size // 2:
+        last = count - 1 - len(regions) % (count - 1)
+        start = 8 * last
+        region: dict = {"bbox": [0, 0, 1, 1]}
+        region.update(
+            [
+                {"phrase": f"w{last:06d}"},
+                {"phrase": f"w{last - 1:06d} w{last:06d}"},
+                {"phrase": f"absent{len(regions)}"},
+                {"tokens_positive": [[start, start + 7]]},
+            ][len(regions) % 4]
+        )
+        regions.append(region)
+        written += len(json.dumps(region)) + 2
+    line = {"filename": "1.jpg", "width": 10, "height": 10}
+    return json.dumps({**line, "grounding": {"caption": caption, "regions": regions}}) + "\n"
+
+
+def _hostile_mdetr(size: int) -> str:
+    """An MDETR file of about ``size`` bytes: half a long caption, half evaluated phrases near
+    its end, each with an annotation."""
+    caption, count = _long_caption(size // 2)
+    phrases = [[[8 * (count - 1 - k), 8 * (count - 1 - k) + 7]] for k in range(size // 2 // 80)]
+    image = {"id": 0, "file_name": "1.jpg", "width": 10, "height": 10, "caption": caption}
+    return json.dumps(
+        {
+            "images": [{**image, "tokens_positive_eval": phrases}],
+            "annotations": [
+                {"image_id": 0, "bbox": [0, 0, 1, 1], "tokens_positive": spans} for spans in phrases
+            ],
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("reader", "name", "hostile"),
+    [("OdvgReader", "odvg", _hostile_odvg), ("MdetrReader", "mdetr", _hostile_mdetr)],
+)
+def test_a_5_mb_hostile_file_is_read_in_time_linear_in_its_size(
+    tmp_path: Path, reader: str, name: str, hostile
+) -> None:
+    # Placing each phrase by rescanning its caption made reading quadratic: a 0.2 MB file of
+    # this kind took 9 s (ODVG) and 1.7 s (MDETR), each doubling of its size five times as
+    # long, so hours for 5 MB. Read linearly it takes a few seconds; the bound is generous.
+    path = tmp_path / "train.data"
+    path.write_text(hostile(5_000_000), encoding="utf-8")
+    assert path.stat().st_size > 4_500_000
+    program = (
+        f"from pathlib import Path; from grounding.data.formats.{name} import {reader}; "
+        f"records = list({reader}({{'train': Path({str(path)!r})}})); "
+        "print(len(records[0].captions[0].phrases))"
+    )
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", program], capture_output=True, text=True, timeout=90
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"reading a 5 MB {name} file took over 90 s: not linear in its size")
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) > 30_000

@@ -5,6 +5,7 @@ record, and the round trip."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -249,6 +250,32 @@ def test_malformed_json_is_named_by_line(tmp_path: Path) -> None:
     write_json(path, {"images": []})
     with pytest.raises(FormatError, match="missing field 'annotations'"):
         MdetrReader({"val": path})
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"images": [], "annotations": [' + "[" * 100_000 + "]" * 100_000 + "]}", "nested too"),
+        ('{"images": [], "annotations": [' + "9" * 5000 + "]}", r"Exceeds the limit \(4300"),
+        ('{"images": [], "annotations": [}', "Expecting value"),
+    ],
+)
+def test_a_file_python_cannot_parse_is_an_error_or_left_out_whole(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    # nested 100,000 deep (RecursionError) and 5,000 digits (ValueError) are JSON that
+    # Python's parser refuses: located errors like malformed JSON, never a traceback
+    bad = tmp_path / "val.json"
+    bad.write_text(text, encoding="utf-8")
+    with pytest.raises(
+        FormatError, match=f"^{re.escape(str(bad))}(:1)?: malformed JSON: .*{message}"
+    ):
+        MdetrReader({"val": bad})
+    good = write_json(tmp_path / "train.json", flickr_like())
+    reader = MdetrReader({"train": good, "val": bad}, skip_bad_files=True)
+    assert [record.split for record in reader] == ["train"]
+    (skipped,) = reader.skipped
+    assert skipped.source == str(bad) and skipped.reason.startswith("malformed JSON")
 
 
 def test_skip_bad_files_leaves_out_bad_records_with_the_annotations_of_a_bad_caption(

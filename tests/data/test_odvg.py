@@ -301,6 +301,20 @@ BAD_LINES = [
         ),
         r"regions\[1\]: box_id 0 is given two sets of coordinates",
     ),
+    # what Python's JSON parser refuses beyond the grammar, and numbers too large for a float
+    ("[" * 100_000 + "]" * 100_000, "malformed JSON: nested too deeply$"),
+    (
+        '{"filename": "2.jpg", "width": ' + "9" * 5000 + "}",
+        r"malformed JSON: Exceeds the limit \(4300 digits\) for integer string conversion",
+    ),
+    (
+        {"filename": "2.jpg", "width": 10**4000, "height": 8, "grounding": {}},
+        r"width is too large: 10{17}\.\.\.0{19}$",  # the number cut short
+    ),
+    (
+        grounding("2.jpg", "a dog", [{"bbox": [0, 0, 10**4000, 10], "phrase": "a dog"}]),
+        r"regions\[0\]: bbox is not four numbers: \[0, 0, 1000",
+    ),
 ]
 
 

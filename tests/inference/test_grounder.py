@@ -168,7 +168,7 @@ def test_an_image_without_candidates_gives_empty_results_with_a_reason(grounder:
 
 
 def test_bad_input_is_refused_before_any_box_is_proposed(grounder: Grounder) -> None:
-    with pytest.raises(DataError, match="top_k must be >= 1"):
+    with pytest.raises(DataError, match=r"top_k must be in 1..1000"):
         grounder.ground(two_shapes(), ["x"], top_k=0, proposals=refuse)
     with pytest.raises(DataError, match="phrase 1 of 1 is empty"):
         grounder.ground(two_shapes(), [" "], proposals=refuse)

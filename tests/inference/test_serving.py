@@ -28,11 +28,13 @@ from PIL import Image
 from grounding.errors import ConfigError, DataError
 from grounding.inference.grounder import Found, Grounding
 from grounding.inference.serving import (
+    CONCURRENCY_VARIABLE,
     DEVICE_VARIABLE,
     OUTPUT_COLUMNS,
     SIGNATURE,
     GrounderModel,
     check_top_k,
+    concurrency,
     decode_image,
     encode_image,
     image_text,
@@ -121,16 +123,16 @@ def test_a_row_with_a_null_or_non_string_value_is_refused_by_its_number(
     assert stand_in.calls == []  # refused before any grounding
 
 
-@pytest.mark.parametrize("value", [None, 0, -1, True, "3", 2.0])
-def test_top_k_must_be_a_whole_number_of_at_least_one(value: object) -> None:
-    with pytest.raises(DataError, match=r"param top_k is .*; it must be a whole number >= 1"):
+@pytest.mark.parametrize("value", [None, 0, -1, True, "3", 2.0, 1001, 10**12])
+def test_top_k_must_be_a_whole_number_from_one_to_a_thousand(value: object) -> None:
+    with pytest.raises(DataError, match=r"param top_k is .*; it must be a whole number in 1..1000"):
         check_top_k(value)
 
 
 def test_top_k_accepts_python_and_numpy_integers() -> None:
     import numpy as np
 
-    assert check_top_k(3) == 3 and check_top_k(np.int64(2)) == 2
+    assert check_top_k(3) == 3 and check_top_k(np.int64(2)) == 2 and check_top_k(1000) == 1000
 
 
 # --- predict_table -----------------------------------------------------------------------
@@ -258,6 +260,61 @@ def test_a_bug_is_a_500_without_traceback(
     assert "RuntimeError" in body and "/secret" not in body and "Traceback" not in body
 
 
+def test_a_large_image_is_decoded_at_the_size_the_models_need_and_boxes_scaled_back() -> None:
+    picture = Image.new("RGB", (2000, 1000), (200, 10, 10))
+    table = pd.DataFrame({"image": [encode_image(png_bytes(picture))], "phrase": ["a man"]})
+    stand_in = RecordingGrounder()
+    result = predict_table(stand_in, table, top_k=1, max_side=448)  # type: ignore[arg-type]
+    assert stand_in.calls == [((500, 250), ["a man"])]  # reduced by 2000 // 448 = 4
+    assert result.loc[0, ["x1", "y1", "x2", "y2"]].tolist() == [4.0, 8.0, 12.0, 16.0]
+    whole = predict_table(RecordingGrounder(), table, top_k=1)  # type: ignore[arg-type]
+    assert whole.loc[0, ["x1", "y1", "x2", "y2"]].tolist() == [1.0, 2.0, 3.0, 4.0]
+
+
+def test_the_model_decodes_at_its_grounder_s_decode_side(model: GrounderModel) -> None:
+    assert model.grounder.decode_side == max(
+        model.grounder.features.image_size, model.grounder.settings.get("max_side", 0)
+    )
+
+
+def test_at_most_grounding_concurrency_requests_are_grounded_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # MLflow runs each request in a thread of its own: without a bound, eight requests
+    # decode eight huge images at once
+    monkeypatch.setenv(CONCURRENCY_VARIABLE, "2")
+    model = GrounderModel()
+    model.load_context(
+        SimpleNamespace(artifacts={"grounder": str(grounder_file(tmp_path, monkeypatch))})
+    )
+    inside, most, lock = [0], [0], threading.Lock()
+
+    def slow_ground(image: Image.Image, phrases: list[str], *, top_k: int) -> list[Grounding]:
+        with lock:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        time.sleep(0.2)
+        with lock:
+            inside[0] -= 1
+        return [Grounding(p, reason="none") for p in phrases]
+
+    monkeypatch.setattr(model.grounder, "ground", slow_ground)
+    table = pd.DataFrame({"image": [encode_image(jpeg_bytes(64, 48))], "phrase": ["a man"]})
+    threads = [threading.Thread(target=model.predict, args=(None, table)) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert most[0] == 2
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two", ""])
+def test_grounding_concurrency_must_be_a_whole_number_of_at_least_one(value: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{CONCURRENCY_VARIABLE}=.*: must be a whole number"):
+        concurrency({CONCURRENCY_VARIABLE: value})
+    assert concurrency({}) == 2 and concurrency({CONCURRENCY_VARIABLE: "3"}) == 3
+
+
 # --- over HTTP: MLflow's scoring server (what `mlflow models serve` runs) --------------------
 
 
@@ -365,3 +422,34 @@ def test_http_bad_input_is_a_400_naming_the_row_without_traceback(
     assert answer["error_code"] == "INVALID_PARAMETER_VALUE"
     assert message in answer["message"]
     assert "stack_trace" not in answer and "Traceback" not in body and ".py" not in body
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        (b'{"dataframe_split": ' + b"9" * 5000 + b"}", "Exceeds the limit (4300 digits)"),
+        (b'{"dataframe_split": "' + b"A" * 2_000_000 + b'"', "valid JSON"),  # not closed
+    ],
+    ids=["nested 100,000 deep", "5,000 digits", "2 MB malformed"],
+)
+def test_http_a_body_python_cannot_parse_is_a_json_400_that_never_echoes_it_whole(
+    server_url: str, body: bytes, message: str
+) -> None:
+    request = urllib.request.Request(
+        f"{server_url}/invocations", data=body, headers={"Content-Type": "application/json"}
+    )
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=60)
+    assert caught.value.code == 400
+    answer = caught.value.read().decode()
+    assert len(answer) < 3000  # at most ECHO_LIMIT characters of message
+    assert json.loads(answer)["error_code"] == "BAD_REQUEST"  # as MLflow answers bad JSON
+    assert message in json.loads(answer)["message"]
+
+
+def test_http_a_huge_top_k_is_refused(server_url: str, shapes: bytes) -> None:
+    data = [[encode_image(shapes), "a red box"]]
+    payload = {"dataframe_split": {"columns": ["image", "phrase"], "data": data}}
+    status, body = post(server_url, {**payload, "params": {"top_k": 10**12}})
+    assert status == 400 and "must be a whole number in 1..1000" in json.loads(body)["message"]

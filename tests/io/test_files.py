@@ -361,3 +361,35 @@ def test_image_parts_refuse_an_image_whose_rows_are_apart(tmp_path: Path) -> Non
     io.write_table(table, tmp_path / "rows.parquet")
     with pytest.raises(DataError, match="not consecutive"):
         list(io.read_image_parts(tmp_path / "rows.parquet", rows=1))
+
+
+def test_write_all_writes_every_file_or_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "b.txt").write_text("old b")
+    written = io.write_all({"a.txt": "new a", "sub/b.txt": "new sub b"}, out, "OUT")
+    assert written == [out / "a.txt", out / "sub" / "b.txt"]
+    assert (out / "sub" / "b.txt").read_text() == "new sub b"
+    assert sorted(p.name for p in out.iterdir()) == ["a.txt", "b.txt", "sub"]  # no staging left
+
+    # a write that fails half-way through staging leaves every target as it was
+    real_write = Path.write_bytes
+
+    def failing_write(self: Path, data: bytes) -> int:
+        if self.name == "b.txt":
+            raise OSError(5, "Input/output error")
+        return real_write(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", failing_write)
+    with pytest.raises(OSError, match="Input/output error"):
+        io.write_all({"a.txt": "newer a", "b.txt": "newer b"}, out, "OUT")
+    monkeypatch.undo()
+    assert (out / "a.txt").read_text() == "new a" and (out / "b.txt").read_text() == "old b"
+    assert sorted(p.name for p in out.iterdir()) == ["a.txt", "b.txt", "sub"]
+
+    (out / "c.txt").mkdir()
+    with pytest.raises(DataError, match=r"^OUT .*/out/c\.txt: a folder, not a file$"):
+        io.write_all({"a.txt": "x", "c.txt": "y"}, out, "OUT")
+    assert (out / "a.txt").read_text() == "new a"

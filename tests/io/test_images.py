@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io as bytes_io
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +16,7 @@ from PIL import Image
 
 from grounding import io
 from grounding.errors import DataError
+from grounding.io import images
 from grounding.io.images import MAX_IMAGE_PIXELS, size_disagreement
 
 
@@ -107,10 +111,11 @@ def test_32_bit_integer_pixels_of_16_bit_values_are_scaled_and_others_refused() 
         io.decode_image(tiff(np.full((4, 4), 70_000)), "wide.tif")
 
 
-def jpeg_with_orientation(orientation: int) -> bytes:
-    """A 40x20 JPEG as stored, red on the left half, blue on the right, EXIF-tagged."""
-    image = Image.new("RGB", (40, 20), (255, 0, 0))
-    image.paste((0, 0, 255), (20, 0, 40, 20))
+def jpeg_with_orientation(orientation: int, scale: int = 1) -> bytes:
+    """A 40x20 JPEG (times ``scale``) as stored, red on the left half, blue on the right,
+    EXIF-tagged."""
+    image = Image.new("RGB", (40 * scale, 20 * scale), (255, 0, 0))
+    image.paste((0, 0, 255), (20 * scale, 0, 40 * scale, 20 * scale))
     exif = Image.Exif()
     exif[0x0112] = orientation
     buffer = bytes_io.BytesIO()
@@ -158,6 +163,91 @@ def test_pillows_bomb_warning_is_a_refusal_not_a_decode(monkeypatch: pytest.Monk
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300)  # warns above 300, raises above 600
     with pytest.raises(DataError, match=r"^big\.png: image too large; at most 300 pixels"):
         io.decode_image(png_bytes("RGB", (20, 20)), "big.png")
+
+
+# --- hostile files: devices, FIFOs, byte cap, decoding no larger than needed ------------------
+
+
+def _read_in_a_child(path: Path) -> subprocess.CompletedProcess[str]:
+    """``read_image(path)`` in a child process of at most 1 GB and 60 s: reading ``/dev/zero``
+    whole, or waiting on a FIFO for a writer, fails the test instead of hanging it."""
+    program = (
+        "import resource, sys; from pathlib import Path; "
+        "resource.setrlimit(resource.RLIMIT_AS, (2**30, 2**30)); "
+        "from grounding import io; from grounding.errors import run; "
+        f"run(lambda argv: io.read_image(Path({str(path)!r})))"
+    )
+    try:
+        return subprocess.run(
+            [sys.executable, "-c", program], capture_output=True, text=True, timeout=60
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"reading {path} did not end within 60 s")
+
+
+@pytest.mark.parametrize("kind", ["device", "symlink to a device", "fifo"])
+def test_a_file_that_is_not_a_regular_file_is_refused_before_it_is_read(
+    tmp_path: Path, kind: str
+) -> None:
+    path = tmp_path / "images" / "1.jpg"
+    path.parent.mkdir()
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "symlink to a device":
+        path.symlink_to("/dev/zero")
+    else:
+        path = Path("/dev/zero")
+    done = _read_in_a_child(path)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr == (
+        f"error: {path}: not a regular file (a device, FIFO or socket); an image must be a file\n"
+    )
+    # the features stage reads images through ImageFolder, the same way
+    if kind != "device":
+        images = pd.DataFrame({"image_id": ["1"], "file_name": ["1.jpg"]})
+        with pytest.raises(DataError, match="not a regular file"):
+            io.ImageFolder(path.parent, images)("1")
+
+
+def test_an_image_file_over_the_byte_cap_is_refused_unread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(images, "MAX_IMAGE_BYTES", 100)
+    path = tmp_path / "big.png"
+    path.write_bytes(png_bytes("RGB", (64, 64)) + bytes(200))
+    message = r"image file is \d+ bytes; at most 100 accepted"
+    with pytest.raises(DataError, match=rf"^{path}: {message}$"):
+        io.read_image(path)
+    with pytest.raises(DataError, match=rf"^row 2: {message}$"):
+        io.decode_image(path.read_bytes(), "row 2")
+
+
+def test_an_error_never_shows_a_stream_object() -> None:
+    for data in (b"not an image", png_bytes("RGB", (64, 64))[:60]):
+        with pytest.raises(DataError) as raised:
+            io.decode_image(data, "row 0")
+        assert "<_io." not in str(raised.value) and "0x" not in str(raised.value)
+
+
+def test_max_side_decodes_no_larger_than_needed(tmp_path: Path) -> None:
+    picture = Image.new("RGB", (2000, 1000), (200, 10, 10))
+    picture.paste((10, 10, 200), (1000, 0, 2000, 1000))  # right half blue
+    for name in ("wide.jpg", "wide.png"):
+        picture.save(tmp_path / name)
+        image = io.read_image(tmp_path / name, max_side=448)
+        # JPEG: drafted at 1/4 (500 px); PNG: reduced by 4 (2000 // 448)
+        assert image.size == (500, 250) and image.info["full_size"] == (2000, 1000)
+        left, right = np.asarray(image)[100, 100], np.asarray(image)[100, 400]
+        assert left[0] > 180 > left[2] and right[2] > 180 > right[0]
+        assert io.read_image(tmp_path / name).size == (2000, 1000)  # no max_side: full size
+    small = io.read_image(tmp_path / "wide.png", max_side=1000)  # 2000 // 1000: by 2
+    assert small.size == (1000, 500)
+    assert "full_size" not in io.read_image(tmp_path / "wide.png", max_side=1500).info
+    turned = io.decode_image(jpeg_with_orientation(6, scale=10), "phone.jpg", max_side=100)
+    assert turned.size == (50, 100) and turned.info["full_size"] == (200, 400)  # drafted by 4
+    # never shrunk below 32 pixels a side, which a grounder needs
+    thin = io.decode_image(jpeg_with_orientation(6), "phone.jpg", max_side=16)
+    assert thin.size == (20, 40) and "full_size" not in thin.info
 
 
 # --- present_files and ImageFolder ----------------------------------------------------------

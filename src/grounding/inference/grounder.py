@@ -23,7 +23,7 @@ from PIL import Image
 from grounding import candidates
 from grounding.candidates import Propose
 from grounding.errors import ConfigError, DataError
-from grounding.io.images import MAX_IMAGE_PIXELS
+from grounding.io.images import MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE
 
 if TYPE_CHECKING:
     import torch
@@ -32,8 +32,8 @@ if TYPE_CHECKING:
     from grounding.modeling.scoring import TrainedHead
     from grounding.modeling.text import TextEncoder
 
-#: The smallest image side accepted (the backbone's stride is 32 pixels).
-MIN_IMAGE_SIDE = 32
+#: The most boxes a phrase may ask for (``top_k``); a grounder proposes far fewer candidates.
+MAX_TOP_K = 1000
 
 #: The grounder that ships inside the package, trained by ``python -m benchmarks.pretrained`` on
 #: the real Flickr30k Entities images (Flickr30k's non-commercial research terms apply).
@@ -92,19 +92,32 @@ def check_phrases(phrases: Sequence[str]) -> list[str]:
     return cleaned
 
 
-def check_image(image: Image.Image) -> Image.Image:
-    """The image as RGB; :class:`DataError` if it is too small or too large to ground in."""
-    width, height = image.size
+def check_top_k(top_k: int) -> int:
+    """``top_k``; :class:`DataError` unless it is in ``1..MAX_TOP_K``."""
+    if not 1 <= top_k <= MAX_TOP_K:
+        raise DataError(f"top_k must be in 1..{MAX_TOP_K}, got {top_k}")
+    return top_k
+
+
+def check_size(size: tuple[int, int], name: str = "image") -> None:
+    """:class:`DataError` starting with ``name`` if an image of ``size`` ``(width, height)``
+    is too small or too large to ground in (checked before any model is loaded)."""
+    width, height = size
     if min(width, height) < MIN_IMAGE_SIDE:
         raise DataError(
-            f"image is {width}x{height} pixels; at least {MIN_IMAGE_SIDE} on each side needed"
+            f"{name} is {width}x{height} pixels; at least {MIN_IMAGE_SIDE} on each side needed"
         )
     if width * height > MAX_IMAGE_PIXELS:
         raise DataError(
-            f"image is {width}x{height} = {width * height:,} pixels; at most "
+            f"{name} is {width}x{height} = {width * height:,} pixels; at most "
             f"{MAX_IMAGE_PIXELS:,} accepted (shrink it first)"
         )
-    return image.convert("RGB")
+
+
+def check_image(image: Image.Image) -> Image.Image:
+    """The image as RGB; :class:`DataError` if it is too small or too large to ground in."""
+    check_size(image.size)
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 class Grounder:
@@ -169,6 +182,15 @@ class Grounder:
         self.trained.to(device)
         return self
 
+    @property
+    def decode_side(self) -> int:
+        """The longer image side, in pixels, that this grounder's models work at: the
+        backbone's input size, or the candidate generator's working size (``max_side``)
+        when larger. An image larger than about twice this may be decoded shrunk to it
+        (:func:`grounding.io.images.decode_image`) with nearly the same boxes; sizes in
+        the generator's settings (``min_size``) then count the shrunk image's pixels."""
+        return max(int(self.features.image_size), int(self.settings.get("max_side", 0)))
+
     def proposer(self, cache: Any = None) -> Propose:
         """``image -> boxes`` of this grounder's candidate generator (cached with ``cache``, a
         :class:`~grounding.io.ProposalCache`)."""
@@ -186,8 +208,7 @@ class Grounder:
         all phrases. ``proposals`` computes (or fetches from a cache) the boxes; by default
         :meth:`proposer`'s. Bad input raises :class:`DataError`; an image where no candidate
         survives gives empty results with the reason."""
-        if top_k < 1:
-            raise DataError(f"top_k must be >= 1, got {top_k}")
+        check_top_k(top_k)
         phrases = check_phrases(phrases)
         image = check_image(image)
         boxes = (proposals or self.proposer())(image)

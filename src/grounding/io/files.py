@@ -328,6 +328,36 @@ def write_files(files: Mapping[str, bytes], root: Path) -> None:
         write_bytes(content, root / relative)
 
 
+def write_all(texts: Mapping[str, str], folder: Path, what: str) -> list[Path]:
+    """Write each ``relative path -> text`` under ``folder``, all of them or none, and return
+    their paths: every target is checked first (:func:`check_writable_file`; ``what`` names
+    ``folder`` in the message), the texts are written into a temporary folder inside
+    ``folder`` and only then renamed into place, replacing what is there. The temporary folder
+    is removed whatever happens."""
+    check_writable_folder(folder, what)
+    targets = {relative: folder / relative for relative in texts}
+    for path in targets.values():
+        check_writable_file(path, what)
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder, prefix=".staging-"))
+    try:
+        for relative, text in texts.items():
+            staged = staging / relative
+            staged.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                staged.write_bytes(text.encode("utf-8"))
+            except OSError as error:
+                if error.errno != errno.ENOSPC:
+                    raise
+                raise no_space(targets[relative]) from None
+        for relative, path in targets.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging / relative, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return list(targets.values())
+
+
 def require(path: Path) -> None:
     if not path.exists():
         raise DataError(f"{path}: missing; run the stage that writes it (`dvc repro`)")

@@ -5,16 +5,20 @@ file or request row.
 An image is decoded as a viewer shows it: its EXIF orientation applied (the pixels turned, the
 tag's value kept in ``image.info["orientation"]``), and 16-bit greyscale scaled to 8 bits by
 its value range (``>> 8``), not clipped. The pixel count is checked from the file's header,
-before any pixel is decoded.
+before any pixel is decoded; a file is read only when it is a regular file of at most
+:data:`MAX_IMAGE_BYTES`, and may be decoded no larger than a model needs (``max_side``).
 """
 
 from __future__ import annotations
 
 import io as bytes_io
+import math
 import os
+import re
+import stat
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -28,6 +32,16 @@ if TYPE_CHECKING:
 #: attack). Below Pillow's own bomb limit (``Image.MAX_IMAGE_PIXELS``, 89 Mpx), so Pillow
 #: never decodes an image this refuses.
 MAX_IMAGE_PIXELS = 60_000_000
+#: The smallest image side a grounder accepts (the backbone's stride is 32 pixels): an image
+#: decoded shrunk (``max_side``) keeps at least this many pixels on each side.
+MIN_IMAGE_SIDE = 32
+#: The most bytes an image file may have: 4 bytes a pixel of the largest image accepted (an
+#: uncompressed RGBA file), and room for its header and metadata.
+MAX_IMAGE_BYTES = 4 * MAX_IMAGE_PIXELS + 16_000_000
+#: Modes that ``Image.reduce`` takes (others are made RGB first).
+_REDUCIBLE = frozenset({"L", "LA", "La", "RGB", "RGBA", "RGBa", "I", "F"})
+#: How Pillow names a stream in its messages.
+_STREAM = re.compile(r" ?<_io\.\w+ (?:object at 0x[0-9a-f]+|name=[^>]*)>")
 #: The EXIF tag of the orientation, and the values that swap width and height.
 ORIENTATION = 0x0112
 SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
@@ -35,45 +49,113 @@ SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 _SIXTEEN_BIT = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 
 
-def read_image(path: Path) -> Image.Image:
-    """Load an image file as RGB; a missing, truncated, huge or non-image file raises
-    :class:`DataError` naming it."""
+def read_image(path: Path, *, max_side: int | None = None) -> Image.Image:
+    """Load an image file as RGB (see :func:`decode_image`, also for ``max_side``); a
+    missing, truncated, huge or non-image file raises :class:`DataError` naming it.
+
+    Only a regular file is read (a device such as ``/dev/zero``, a FIFO or a socket, also
+    behind a symlink, is refused before a byte is read), one of at most
+    :data:`MAX_IMAGE_BYTES`; Pillow reads it from its header on, as far as decoding needs."""
     try:
-        with open(path, "rb") as handle:
-            data = handle.read()
+        # O_NONBLOCK: opening a FIFO does not wait for a writer; reads of a file ignore it
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise DataError(f"{path}: image file missing") from None
     except IsADirectoryError:
         raise DataError(f"{path}: a folder, not an image file") from None
     except OSError as error:
-        raise DataError(f"{path}: unreadable image ({error})") from None
-    return decode_image(data, str(path))
+        raise DataError(f"{path}: unreadable image ({error.strerror})") from None
+    try:
+        kind = os.fstat(fd)
+        if stat.S_ISDIR(kind.st_mode):
+            raise DataError(f"{path}: a folder, not an image file")
+        if not stat.S_ISREG(kind.st_mode):
+            raise DataError(
+                f"{path}: not a regular file (a device, FIFO or socket); an image must be a file"
+            )
+        check_bytes(kind.st_size, str(path))
+    except DataError:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as handle:
+        return decode_image(handle, str(path), max_side=max_side)
 
 
-def decode_image(data: bytes, name: str) -> Image.Image:
-    """An image file's bytes as an RGB image, as a viewer shows it (see the module docstring);
-    :class:`DataError` starting with ``name`` (a path, or ``row 3`` of a request) if they are
-    not a readable image or have more than :data:`MAX_IMAGE_PIXELS` pixels (refused from the
-    header, before decoding)."""
+def decode_image(data: bytes | BinaryIO, name: str, *, max_side: int | None = None) -> Image.Image:
+    """An image file's bytes (or an open binary file) as an RGB image, as a viewer shows it
+    (see the module docstring); :class:`DataError` starting with ``name`` (a path, or
+    ``row 3`` of a request) if they are not a readable image, have more than
+    :data:`MAX_IMAGE_PIXELS` pixels (refused from the header, before decoding) or more than
+    :data:`MAX_IMAGE_BYTES` bytes.
+
+    ``max_side``: decode no larger than needed for a longer side of at least ``max_side``
+    pixels: a JPEG is decoded at 1/2, 1/4 or 1/8 of its size (Pillow's ``draft``), any image
+    then shrunk by a whole factor (``reduce``, the mean of each block of pixels). A shrunk
+    image holds the size it was shrunk from, as displayed, in ``image.info["full_size"]``."""
+    if isinstance(data, bytes):
+        check_bytes(len(data), name)
+        data = bytes_io.BytesIO(data)
     try:
         with warnings.catch_warnings():
             # Pillow warns, and decodes, up to twice its limit: here that is an error. (Not
             # thread-safe before Python 3.14; a race only leaves or drops this one filter.)
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(bytes_io.BytesIO(data)) as image:  # reads the header only
-                check_pixels(image.size, name)
-                orientation = image.getexif().get(ORIENTATION, 1)
-                displayed = _eight_bit(ImageOps.exif_transpose(image), name).convert("RGB")
+            image = Image.open(data)  # reads the header only
+        check_pixels(image.size, name)
+        orientation = image.getexif().get(ORIENTATION, 1)
+        width, height = image.size
+        if max_side is not None:
+            shrink = max(max_side / max(width, height), MIN_IMAGE_SIDE / min(width, height))
+            image.draft("RGB", (math.ceil(width * shrink), math.ceil(height * shrink)))
+        # each step makes a new image only when it changes the pixels: one full-size copy
+        if orientation != 1:
+            image = ImageOps.exif_transpose(image)
+        image = _eight_bit(image, name)
+        if max_side is not None:
+            image = _reduced(image, max_side)
+        displayed = image if image.mode == "RGB" else image.convert("RGB")
+        displayed.load()  # before the file is closed
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         limit = min(MAX_IMAGE_PIXELS, Image.MAX_IMAGE_PIXELS or MAX_IMAGE_PIXELS)
         raise DataError(
             f"{name}: image too large; at most {limit:,} pixels accepted ({error})"
         ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise DataError(f"{name}: unreadable image ({error})") from None
+        raise DataError(f"{name}: unreadable image ({_without_object(error)})") from None
     if orientation != 1:
         displayed.info["orientation"] = orientation
+    full = (height, width) if orientation in SWAPPING_ORIENTATIONS else (width, height)
+    if displayed.size != full:
+        displayed.info["full_size"] = full
     return displayed
+
+
+def _reduced(image: Image.Image, max_side: int) -> Image.Image:
+    """``image`` shrunk by the largest whole factor that keeps its longer side at least
+    ``max_side`` and its shorter side at least :data:`MIN_IMAGE_SIDE` (itself when that
+    factor is 1)."""
+    factor = min(max(image.size) // max_side, min(image.size) // MIN_IMAGE_SIDE)
+    if factor < 2:
+        return image
+    if image.mode not in _REDUCIBLE:
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    return image.reduce(factor)
+
+
+def _without_object(error: Exception) -> str:
+    """Pillow's message without the ``<_io.BytesIO object at 0x...>`` it names a stream by."""
+    return _STREAM.sub("", str(error)).strip()
+
+
+def check_bytes(size: int, name: str) -> None:
+    """:class:`DataError` starting with ``name`` if an image file of ``size`` bytes is larger
+    than :data:`MAX_IMAGE_BYTES`, or empty."""
+    if size == 0:
+        raise DataError(f"{name}: unreadable image (an empty file)")
+    if size > MAX_IMAGE_BYTES:
+        raise DataError(
+            f"{name}: image file is {size:,} bytes; at most {MAX_IMAGE_BYTES:,} accepted"
+        )
 
 
 def check_pixels(size: tuple[int, int], name: str) -> None:

@@ -144,12 +144,13 @@ def _int_text(element: etree._Element, tag: str, source: str) -> int:
 
 def _chain_id(name: etree._Element, source: str) -> int:
     text = (name.text or "").strip()
+    too_long = len(text.lstrip("+-0")) > len(str(INT64_MAX))  # int() refuses 4,300 digits
     try:
-        chain_id = int(text)
+        chain_id = -1 if too_long else int(text)
     except ValueError:
         raise FormatError(source, "chain id is not an integer", name.sourceline) from None
     if not 0 <= chain_id <= INT64_MAX:
-        raise FormatError(source, f"chain id {text} is not in 0..2^63-1", name.sourceline)
+        raise FormatError(source, f"chain id {_cut(text)} is not in 0..2^63-1", name.sourceline)
     return chain_id
 
 
@@ -237,12 +238,13 @@ def parse_caption(line: str, source: str, line_number: int) -> CaptionLine:
         if current is None and token.startswith("["):
             head = _PHRASE_HEAD.match(token)
             if head is None:
-                raise FormatError(source, f"malformed phrase head {token!r}", line_number)
-            chain_id = int(head.group(1))
-            if chain_id > INT64_MAX:
+                raise FormatError(source, f"malformed phrase head {_cut(token)!r}", line_number)
+            digits = head.group(1)
+            if len(digits.lstrip("0")) > len(str(INT64_MAX)) or int(digits) > INT64_MAX:
                 raise FormatError(
-                    source, f"chain id {head.group(1)} is not in 0..2^63-1", line_number
+                    source, f"chain id {_cut(digits)} is not in 0..2^63-1", line_number
                 )
+            chain_id = int(digits)
             types = tuple(head.group(2).strip("/").split("/"))
             unknown = [t for t in types if t not in TYPES]
             if unknown:
@@ -272,6 +274,11 @@ def parse_caption(line: str, source: str, line_number: int) -> CaptionLine:
     if current is not None:
         raise FormatError(source, "unbalanced brackets: phrase not closed", line_number)
     return CaptionLine(text=" ".join(words), mentions=tuple(mentions))
+
+
+def _cut(text: str, size: int = 60) -> str:
+    """``text``, cut to ``size`` characters for a message."""
+    return text if len(text) <= size else f"{text[:size]}..."
 
 
 def parse_sentences(text: bytes, source: str) -> list[CaptionLine]:

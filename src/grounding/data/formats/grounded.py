@@ -23,9 +23,12 @@ The writers share :func:`phrase_span` (where a phrase sits in its caption) and :
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import json
 import math
 import re
+import reprlib
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -39,6 +42,9 @@ from grounding.schemas import INT64_MAX, SPLITS
 CLIP_TOLERANCE = 1.0
 
 _WORD = re.compile(r"\S+")
+#: How a bad value is shown in a message: a 4,000-digit number or a 10 MB string is cut short.
+_SHOWN = reprlib.Repr()  # keyword arguments only from Python 3.12
+_SHOWN.maxlevel, _SHOWN.maxstring, _SHOWN.maxlong, _SHOWN.maxother = 3, 60, 40, 60
 
 
 class BadRecord(Exception):
@@ -216,6 +222,25 @@ def image_id_of(file_name: str) -> str:
 # --- JSON values ------------------------------------------------------------------------------
 
 
+def parse_json(text: str) -> Any:
+    """The JSON value of ``text``; :class:`BadRecord` saying why it is not one, also for what
+    Python's parser refuses beyond the grammar: nesting deeper than its recursion limit, an
+    integer of more than 4,300 digits."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise BadRecord(f"malformed JSON: {error.msg} (column {error.colno})") from None
+    except RecursionError:
+        raise BadRecord("malformed JSON: nested too deeply") from None
+    except ValueError as error:  # "Exceeds the limit (4300 digits) for integer string conversion"
+        raise BadRecord(f"malformed JSON: {str(error).split(';')[0]}") from None
+
+
+def shown(value: Any) -> str:
+    """``repr(value)``, cut short (see :data:`_SHOWN`)."""
+    return _SHOWN.repr(value)
+
+
 def json_object(value: Any, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise BadRecord(f"{what} is not a JSON object")
@@ -237,7 +262,7 @@ def required(record: Mapping[str, Any], name: str) -> Any:
 
 def text(value: Any, what: str) -> str:
     if not isinstance(value, str):
-        raise BadRecord(f"{what} is not a string: {value!r}")
+        raise BadRecord(f"{what} is not a string: {shown(value)}")
     return value
 
 
@@ -245,15 +270,17 @@ def whole_number(value: Any, what: str) -> int:
     """An integer given as a number or a string of digits (MDETR's Flickr30k files write the
     image size as strings)."""
     number: float = math.nan
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT64_MAX:
+        raise BadRecord(f"{what} is too large: {shown(value)}")
     if isinstance(value, int | float) and not isinstance(value, bool):
         number = float(value)
     elif isinstance(value, str):
         with contextlib.suppress(ValueError):  # not a number: reported below
             number = float(value)
     if not number.is_integer():
-        raise BadRecord(f"{what} is not a whole number: {value!r}")
+        raise BadRecord(f"{what} is not a whole number: {shown(value)}")
     if abs(number) > INT64_MAX:  # as a float: 2**63 and above
-        raise BadRecord(f"{what} is too large: {value!r}")
+        raise BadRecord(f"{what} is too large: {shown(value)}")
     return int(number)
 
 
@@ -267,15 +294,23 @@ def image_size(record: Mapping[str, Any]) -> tuple[int, int]:
 
 
 def numbers(value: Any, what: str) -> tuple[float, float, float, float]:
-    """Four finite numbers (a box's coordinates)."""
+    """Four finite numbers (a box's coordinates; an integer too large for a float is not
+    finite)."""
     if (
         not isinstance(value, list)
         or len(value) != 4
         or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
-        or not all(math.isfinite(v) for v in value)
+        or not all(_finite(v) for v in value)
     ):
-        raise BadRecord(f"{what} is not four numbers: {value!r}")
+        raise BadRecord(f"{what} is not four numbers: {shown(value)}")
     return float(value[0]), float(value[1]), float(value[2]), float(value[3])
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        return False
 
 
 def check_box(x1: float, y1: float, x2: float, y2: float, width: int, height: int) -> Box:
@@ -292,23 +327,24 @@ def check_box(x1: float, y1: float, x2: float, y2: float, width: int, height: in
     return Box(max(x1, 0.0), max(y1, 0.0), min(x2, float(width)), min(y2, float(height)))
 
 
-def spans(value: Any, caption: str, what: str) -> tuple[tuple[int, int], ...]:
-    """Character spans ``[[start, end], ...]`` of ``caption``, sorted; each inside it and not
-    blank."""
+def spans(value: Any, words: CaptionWords, what: str) -> tuple[tuple[int, int], ...]:
+    """Character spans ``[[start, end], ...]`` of the caption of ``words``, sorted; each inside
+    it and not blank."""
     result = []
+    length = len(words.caption)
     for item in json_list(value, what):
         if (
             not isinstance(item, list)
             or len(item) != 2
             or not all(isinstance(v, int) and not isinstance(v, bool) for v in item)
         ):
-            raise BadRecord(f"{what}: span {item!r} is not [start, end]")
+            raise BadRecord(f"{what}: span {shown(item)} is not [start, end]")
         start, end = item
-        if not 0 <= start < end <= len(caption):
+        if not 0 <= start < end <= length:
             raise BadRecord(
-                f"{what}: span {item} lies outside the {len(caption)}-character caption"
+                f"{what}: span {shown(item)} lies outside the {length}-character caption"
             )
-        if not caption[start:end].strip():
+        if words.blank(start, end):
             raise BadRecord(f"{what}: span {item} of the caption is blank")
         result.append((start, end))
     return tuple(sorted(result))
@@ -319,9 +355,78 @@ def span_text(caption: str, phrase_spans: Sequence[tuple[int, int]]) -> str:
     return " ".join(caption[start:end].strip() for start, end in phrase_spans)
 
 
-def words_before(caption: str, offset: int) -> int:
-    """How many words of ``caption`` start before character ``offset``."""
-    return len(caption[:offset].split())
+class CaptionWords:
+    """The words of one caption (runs of non-space characters), found once so that placing
+    each of its phrases costs about the phrase's length, not the caption's: a file with many
+    regions in a long caption is read in time linear in its size.
+
+    Words are what ``str.split()`` gives; a word's index counts the words before it."""
+
+    #: Phrases of one word are looked up by their first this many characters.
+    PREFIX = 16
+
+    def __init__(self, caption: str) -> None:
+        self.caption = caption
+        found = list(_WORD.finditer(caption))
+        self.starts = [word.start() for word in found]
+        self.ends = [word.end() for word in found]
+        self._words = [word.group() for word in found]
+        self._first_of: dict[int, dict[str, int]] = {}
+        self._all_of: dict[int, dict[str, list[int]]] = {}
+        self._located: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def words_before(self, offset: int) -> int:
+        """How many words start before character ``offset``."""
+        return bisect.bisect_left(self.starts, offset)
+
+    def blank(self, start: int, end: int) -> bool:
+        """Whether the characters ``[start, end)`` are all white space."""
+        after = bisect.bisect_right(self.ends, start)  # the first word ending after start
+        return after == len(self.starts) or self.starts[after] >= end
+
+    def locate(self, phrase: str) -> int:
+        """The index of the first word at which ``phrase`` starts; -1 when it starts at none."""
+        if phrase not in self._located:
+            self._located[phrase] = self._first_start(phrase)
+        return self._located[phrase]
+
+    def _first_start(self, phrase: str) -> int:
+        """See :meth:`locate`: the phrase's first word is looked up, not searched for. A
+        phrase of several words starts at a caption word equal to its first word (white space
+        follows it in the phrase); a phrase of one word at a caption word that starts with it,
+        found by its first :attr:`PREFIX` characters."""
+        first = phrase.split(maxsplit=1)
+        if not first or phrase[0].isspace():
+            return -1
+        if len(first[0]) < len(phrase):
+            candidates = self._index(0).get(first[0], [])
+        elif len(phrase) < self.PREFIX:
+            return self._first_index(len(phrase)).get(phrase, -1)
+        else:
+            candidates = self._index(self.PREFIX).get(phrase[: self.PREFIX], [])
+        return next((i for i in candidates if self.caption.startswith(phrase, self.starts[i])), -1)
+
+    def _first_index(self, size: int) -> dict[str, int]:
+        """The first ``size`` characters of the words of at least that length -> the index of
+        the first such word."""
+        if size not in self._first_of:
+            words = list(enumerate(self._words))
+            self._first_of[size] = {w[:size]: i for i, w in reversed(words) if len(w) >= size}
+        return self._first_of[size]
+
+    def _index(self, size: int) -> dict[str, list[int]]:
+        """The first ``size`` characters of the words of at least that length (0: the whole
+        word) -> the indices of those words, ascending."""
+        if size not in self._all_of:
+            index: dict[str, list[int]] = {}
+            for i, word in enumerate(self._words):
+                if len(word) >= size:
+                    index.setdefault(word[:size] if size else word, []).append(i)
+            self._all_of[size] = index
+        return self._all_of[size]
 
 
 def prompt(phrases: Sequence[str]) -> tuple[str, list[int]]:
@@ -329,33 +434,25 @@ def prompt(phrases: Sequence[str]) -> tuple[str, list[int]]:
     ball ."``) and the index of each phrase's first word in it: the caption of a format whose
     phrases come without one (ODVG detection records, Label Studio regions)."""
     caption = " . ".join(phrases) + " ."
+    words = CaptionWords(caption)
     first_words, offset = [], 0
     for phrase in phrases:
-        first_words.append(words_before(caption, offset))
+        first_words.append(words.words_before(offset))
         offset += len(phrase) + len(" . ")
     return caption, first_words
-
-
-def locate(caption: str, phrase: str) -> int:
-    """The index of the first caption word at which ``phrase`` starts; -1 when it does not."""
-    for index, word in enumerate(_WORD.finditer(caption)):
-        if caption.startswith(phrase, word.start()):
-            return index
-    return -1
 
 
 # --- writing ---------------------------------------------------------------------------------
 
 
-def phrase_span(caption: str, phrase: Phrase) -> tuple[int, int] | None:
-    """Where ``phrase`` sits in ``caption``: the characters from its first word on, if its
-    text is there (None otherwise, e.g. a phrase whose file did not place it)."""
-    starts = [word.start() for word in _WORD.finditer(caption)]
-    if not 0 <= phrase.first_word < len(starts):
+def phrase_span(words: CaptionWords, phrase: Phrase) -> tuple[int, int] | None:
+    """Where ``phrase`` sits in the caption of ``words``: the characters from its first word
+    on, if its text is there (None otherwise, e.g. a phrase whose file did not place it)."""
+    if not 0 <= phrase.first_word < len(words):
         return None
-    start = starts[phrase.first_word]
+    start = words.starts[phrase.first_word]
     end = start + len(phrase.text)
-    return (start, end) if caption[start:end] == phrase.text else None
+    return (start, end) if words.caption.startswith(phrase.text, start) else None
 
 
 def coordinate(value: float) -> int | float:

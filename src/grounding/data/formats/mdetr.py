@@ -49,6 +49,7 @@ from typing import Any
 
 from grounding.data.formats.grounded import (
     BadRecord,
+    CaptionWords,
     GroundedCaption,
     GroundedPhrase,
     PendingImage,
@@ -60,12 +61,13 @@ from grounding.data.formats.grounded import (
     json_list,
     json_object,
     numbers,
+    parse_json,
     phrase_span,
     required,
+    shown,
     span_text,
     spans,
     text,
-    words_before,
 )
 from grounding.data.records import Box, ImageRecord, Skipped
 from grounding.errors import FormatError
@@ -81,33 +83,43 @@ Spans = tuple[tuple[int, int], ...]
 
 @dataclass
 class _Entry:
-    """One ``images[]`` entry: a caption of a photo, its evaluated phrases, its boxes."""
+    """One ``images[]`` entry: a caption of a photo (its words), its evaluated phrases, its
+    boxes."""
 
     image: PendingImage
-    caption: str
+    words: CaptionWords
     one_based: bool
     evaluated: tuple[Spans, ...]
     annotations: list[tuple[Box, Spans]] = field(default_factory=list)
 
     def grounded(self) -> GroundedCaption:
-        """The caption with its phrases (see the module docstring), in caption order."""
+        """The caption with its phrases (see the module docstring), in caption order.
+
+        The evaluated phrases are indexed by their first span, so an annotation is matched
+        against the phrases that start with one of its spans, not against every phrase."""
         boxes: dict[Spans, list[Hashable]] = {phrase: [] for phrase in self.evaluated}
+        starting_with: dict[tuple[int, int], list[Spans]] = {}
+        for phrase in self.evaluated:
+            starting_with.setdefault(phrase[0], []).append(phrase)
         for box, named in self.annotations:
             taken: set[tuple[int, int]] = set()
-            for phrase in self.evaluated:
-                if set(phrase) <= set(named):
-                    boxes[phrase].append(box)
-                    taken.update(phrase)
+            named_set = set(named)
+            for span in named_set:
+                for phrase in starting_with.get(span, ()):
+                    if named_set.issuperset(phrase):
+                        boxes[phrase].append(box)
+                        taken.update(phrase)
             rest = tuple(span for span in named if span not in taken)
             if rest:
                 boxes.setdefault(rest, []).append(box)
+        caption = self.words.caption
         phrases = [
             GroundedPhrase(
-                span_text(self.caption, phrase), words_before(self.caption, phrase[0][0]), tuple(b)
+                span_text(caption, phrase), self.words.words_before(phrase[0][0]), tuple(b)
             )
             for phrase, b in sorted(boxes.items(), key=lambda item: item[0][0])
         ]
-        return GroundedCaption(self.caption, tuple(phrases))
+        return GroundedCaption(caption, tuple(phrases))
 
 
 class MdetrReader(SplitFilesReader):
@@ -134,20 +146,15 @@ class MdetrReader(SplitFilesReader):
 
     def read_file(self, path: Path, split: str) -> None:
         try:
-            data = path.read_bytes()
-            content = json.loads(data.decode("utf-8").removeprefix("\ufeff"))
-        except UnicodeDecodeError as error:
-            line = data.count(b"\n", 0, error.start) + 1
-            reason = f"not UTF-8 text ({error.reason} at byte {error.start})"
-            raise FormatError(str(path), reason, line) from None
-        except json.JSONDecodeError as error:
-            raise FormatError(str(path), f"malformed JSON: {error.msg}", error.lineno) from None
-        try:
-            top = json_object(content, "the file")
+            top = self._top(path)
             images = json_list(required(top, "images"), "images")
             annotations = json_list(required(top, "annotations"), "annotations")
+        except FormatError as error:
+            self._bad(error.source, error.reason, error.line)
+            return
         except BadRecord as error:
-            raise FormatError(str(path), str(error)) from None
+            self._bad(str(path), str(error))
+            return
         entries: dict[Hashable, _Entry] = {}
         left_out: set[Hashable] = set()
         for index, value in enumerate(images):
@@ -167,16 +174,19 @@ class MdetrReader(SplitFilesReader):
                 annotation = json_object(value, "the annotation")
                 image_id = required(annotation, "image_id")
                 if not isinstance(image_id, int | str):
-                    raise BadRecord(f"image_id is not a number or a string: {image_id!r}")
+                    raise BadRecord(f"image_id is not a number or a string: {shown(image_id)}")
                 if image_id in left_out:
                     self.skipped.append(
                         Skipped(
-                            str(path), f"{where}: its images[] entry (id {image_id!r}) is left out"
+                            str(path),
+                            f"{where}: its images[] entry (id {shown(image_id)}) is left out",
                         )
                     )
                     continue
                 if image_id not in entries:
-                    raise BadRecord(f"image_id {image_id!r} is not the id of an images[] entry")
+                    raise BadRecord(
+                        f"image_id {shown(image_id)} is not the id of an images[] entry"
+                    )
                 entry = entries[image_id]
                 box, named = _annotation(annotation, entry)
             except BadRecord as error:
@@ -193,38 +203,57 @@ class MdetrReader(SplitFilesReader):
         entry = json_object(value, "the entry")
         entry_id = required(entry, "id")
         if not isinstance(entry_id, int | str) or isinstance(entry_id, bool):
-            raise BadRecord(f"id is not a number or a string: {entry_id!r}")
+            raise BadRecord(f"id is not a number or a string: {shown(entry_id)}")
         if entry_id in earlier:
-            raise BadRecord(f"id {entry_id!r} is the id of an earlier entry")
+            raise BadRecord(f"id {shown(entry_id)} is the id of an earlier entry")
         file_name = text(required(entry, "file_name"), "file_name")
         if not file_name:
             raise BadRecord("file_name is empty")
         width, height = image_size(entry)
-        caption = text(required(entry, "caption"), "caption")
-        evaluated = []
+        words = CaptionWords(text(required(entry, "caption"), "caption"))
+        evaluated: dict[Spans, None] = {}  # in order, each once
         for index, phrase in enumerate(
             json_list(entry.get("tokens_positive_eval") or [], "tokens_positive_eval")
         ):
-            phrase_spans = spans(phrase, caption, f"tokens_positive_eval[{index}]")
+            phrase_spans = spans(phrase, words, f"tokens_positive_eval[{index}]")
             if not phrase_spans:
                 raise BadRecord(f"tokens_positive_eval[{index}] has no span")
-            if phrase_spans not in evaluated:
-                evaluated.append(phrase_spans)
+            evaluated[phrase_spans] = None
         image = self._images.get(file_name, width, height, split, where)
         one_based = entry.get("dataset_name") in ONE_BASED_DATASETS
-        return entry_id, _Entry(image, caption, one_based, tuple(evaluated))
+        return entry_id, _Entry(image, words, one_based, tuple(evaluated))
 
-    def _bad(self, source: str, reason: str) -> None:
+    def _top(self, path: Path) -> dict[str, Any]:
+        """The file's top JSON object; :class:`FormatError` naming the line where one is
+        known, :class:`BadRecord` otherwise (nested too deeply, a number too long, ...)."""
+        data = path.read_bytes()
+        try:
+            text = data.decode("utf-8").removeprefix("\ufeff")
+        except UnicodeDecodeError as error:
+            line = data.count(b"\n", 0, error.start) + 1
+            reason = f"not UTF-8 text ({error.reason} at byte {error.start})"
+            raise FormatError(str(path), reason, line) from None
+        try:
+            content = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise FormatError(str(path), f"malformed JSON: {error.msg}", error.lineno) from None
+        except (RecursionError, ValueError):
+            content = parse_json(text)  # raises BadRecord saying why
+        return json_object(content, "the file")
+
+    def _bad(self, source: str, reason: str, line: int | None = None) -> None:
+        """A bad record (or a whole file) of ``source``: an error, or left out and listed with
+        ``skip_bad_files``."""
         if not self.skip_bad_files:
-            raise FormatError(source, reason)
-        self.skipped.append(Skipped(source, reason))
+            raise FormatError(source, reason, line)
+        self.skipped.append(Skipped(source, reason, line))
 
 
 def _annotation(annotation: dict[str, Any], entry: _Entry) -> tuple[Box, Spans]:
     x, y, w, h = numbers(required(annotation, "bbox"), "bbox [x, y, w, h]")
     x1, y1 = (x - 1, y - 1) if entry.one_based else (x, y)
     box = check_box(x1, y1, x + w, y + h, entry.image.width, entry.image.height)
-    named = spans(required(annotation, "tokens_positive"), entry.caption, "tokens_positive")
+    named = spans(required(annotation, "tokens_positive"), entry.words, "tokens_positive")
     return box, named
 
 
@@ -260,8 +289,9 @@ def write(records: Iterable[ImageRecord]) -> Written:
         for index, caption in enumerate(record.captions):
             entry_id = len(images)
             evaluated = []
+            words = CaptionWords(caption.text)
             for phrase in caption.phrases:
-                span = phrase_span(caption.text, phrase)
+                span = phrase_span(words, phrase)
                 if span is None:
                     written.leave_out("phrases not found in their caption")
                     continue

@@ -51,6 +51,7 @@ from typing import Any
 
 from grounding.data.formats.grounded import (
     BadRecord,
+    CaptionWords,
     GroundedCaption,
     GroundedPhrase,
     PendingImage,
@@ -61,8 +62,8 @@ from grounding.data.formats.grounded import (
     image_size,
     json_list,
     json_object,
-    locate,
     numbers,
+    parse_json,
     phrase_span,
     prompt,
     required,
@@ -70,7 +71,6 @@ from grounding.data.formats.grounded import (
     spans,
     text,
     whole_number,
-    words_before,
 )
 from grounding.data.records import Box, ImageRecord, Skipped
 from grounding.errors import FormatError
@@ -135,11 +135,7 @@ class OdvgReader(SplitFilesReader):
             raise BadRecord(f"not UTF-8 text ({error.reason})") from None
         if not line.strip():
             return
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise BadRecord(f"malformed JSON: {error.msg} (column {error.colno})") from None
-        record = _parse_record(value)
+        record = _parse_record(parse_json(line))
         image = self._images.get(record.file_name, record.width, record.height, split, where)
         _check_box_ids(image, record.boxes)
         for key, box in record.boxes.items():
@@ -172,11 +168,12 @@ def _parse_record(value: Any) -> _Line:
 def _grounding(value: Any, width: int, height: int) -> tuple[GroundedCaption, dict[Hashable, Box]]:
     grounding = json_object(value, "grounding")
     caption = text(required(grounding, "caption"), "caption")
+    words = CaptionWords(caption)
     boxes: dict[Hashable, Box] = {}
     phrases: dict[Hashable, _Phrase] = {}
     for index, region in enumerate(json_list(required(grounding, "regions"), "regions")):
         try:
-            _add_region(json_object(region, "the region"), caption, width, height, boxes, phrases)
+            _add_region(json_object(region, "the region"), words, width, height, boxes, phrases)
         except BadRecord as error:
             raise BadRecord(f"regions[{index}]: {error}") from None
     ordered = sorted(phrases.values(), key=_caption_order)
@@ -187,7 +184,7 @@ def _grounding(value: Any, width: int, height: int) -> tuple[GroundedCaption, di
 
 def _add_region(
     region: dict[str, Any],
-    caption: str,
+    words: CaptionWords,
     width: int,
     height: int,
     boxes: dict[Hashable, Box],
@@ -195,16 +192,21 @@ def _add_region(
 ) -> None:
     keys = _add_boxes(region, width, height, boxes)
     if region.get("tokens_positive"):  # missing, null or []: placed by the phrase's text
-        phrase_spans = spans(region["tokens_positive"], caption, "tokens_positive")
-        key: Hashable = phrase_spans
-        phrase_text = span_text(caption, phrase_spans)
-        first_word = words_before(caption, phrase_spans[0][0])
+        phrase_spans = spans(region["tokens_positive"], words, "tokens_positive")
+        if phrase_spans not in phrases:  # its text is made once, however many regions name it
+            phrases[phrase_spans] = _Phrase(
+                span_text(words.caption, phrase_spans),
+                words.words_before(phrase_spans[0][0]),
+                len(phrases),
+            )
+        phrase = phrases[phrase_spans]
     else:
         phrase_text = _phrase_text(required(region, "phrase"))
-        key, first_word = phrase_text, locate(caption, phrase_text)
-    if not phrase_text:
-        raise BadRecord("the phrase is empty")
-    phrase = phrases.setdefault(key, _Phrase(phrase_text, first_word, len(phrases)))
+        if not phrase_text:
+            raise BadRecord("the phrase is empty")
+        if phrase_text not in phrases:
+            phrases[phrase_text] = _Phrase(phrase_text, words.locate(phrase_text), len(phrases))
+        phrase = phrases[phrase_text]
     phrase.boxes.extend(keys)
 
 
@@ -315,12 +317,13 @@ def write(records: Iterable[ImageRecord]) -> Written:
         image_lines = []
         for caption in record.captions:
             regions = []
+            words = CaptionWords(caption.text)
             for phrase in caption.phrases:
                 box_ids = boxes_of.get(phrase.entity_id, ())
                 if not box_ids:
                     written.leave_out("phrases without a box")
                     continue
-                span = phrase_span(caption.text, phrase)
+                span = phrase_span(words, phrase)
                 for box_id in box_ids:
                     box = record.boxes[box_id]
                     region: dict[str, Any] = {"bbox": _corners(box), "phrase": phrase.text}
