@@ -1,6 +1,6 @@
 """sweep: choose the decision threshold that maximises F1 on the validation pairs, and bundle
 the head, its threshold, the candidate generator and what it was trained on (the dataset's name,
-folder, format and number of images) into the grounder `grounding predict` loads."""
+format and number of images) into the grounder `grounding predict` loads."""
 
 from __future__ import annotations
 
@@ -60,7 +60,6 @@ def main(argv: list[str] | None = None) -> None:
     }
     trained_on = TrainedOn(
         name=params.data.root.resolve().name,
-        root=params.data.root.as_posix(),
         format=params.data.format,
         images=len(images),
         synthetic=is_sample_root(params.data.root),

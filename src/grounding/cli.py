@@ -60,11 +60,9 @@ def _predict(args: argparse.Namespace) -> None:
     grounder = load_grounder(_model_or_pretrained(args.model), args.device, where="--device")
     loaded = time.perf_counter()
     print(f"model: {grounder.describe()}", file=sys.stderr)
-    if grounder.trained_on and grounder.trained_on.synthetic and not from_sample(
-        args.image, Path(grounder.trained_on.root)
-    ):
+    if grounder.trained_on and grounder.trained_on.synthetic and not from_sample(args.image):
         print(
-            f"warning: this model only knows the synthetic shapes of {grounder.trained_on.root} "
+            f"warning: this model only knows the synthetic shapes of {SAMPLE_ROOT} "
             "(coloured circles, squares, ...), and this image is not one of them; for real "
             "photos use the packaged grounder trained on Flickr30k Entities: --model "
             f"{PRETRAINED_NAME}",

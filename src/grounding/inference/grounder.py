@@ -127,12 +127,11 @@ def check_image(image: Image.Image) -> Image.Image:
 @dataclass(frozen=True)
 class TrainedOn:
     """The data a grounder was trained on (saved in its config as ``data``): the dataset's
-    ``name`` (its folder's name), the ``root`` and ``format`` the pipeline read it from, how
-    many ``images`` its splits hold, and whether it is the ``synthetic`` sample that ships with
-    the repository (coloured shapes, not photos)."""
+    ``name`` (its folder's name, not its path: the file's bytes do not depend on the machine),
+    the ``format`` the pipeline read it in, how many ``images`` its splits hold, and whether it
+    is the ``synthetic`` sample that ships with the repository (coloured shapes, not photos)."""
 
     name: str
-    root: str
     format: str
     images: int
     synthetic: bool
@@ -149,7 +148,6 @@ class TrainedOn:
         try:
             return cls(
                 str(data["name"]),
-                str(data["root"]),
                 str(data["format"]),
                 int(data["images"]),
                 bool(data["synthetic"]),
@@ -158,8 +156,8 @@ class TrainedOn:
             raise DataError(f"the grounder's data entry is not valid (no {error})") from None
 
     def describe(self) -> str:
-        """``"sample (300 images, the synthetic shapes of data/sample)"``."""
-        kind = f"the synthetic shapes of {self.root}" if self.synthetic else f"{self.format} data"
+        """``"sample (299 images, synthetic shapes)"``."""
+        kind = "synthetic shapes" if self.synthetic else f"{self.format} data"
         return f"{self.name} ({self.images:,} images, {kind})"
 
 
