@@ -51,11 +51,12 @@ def is_sample_root(root: str | Path) -> bool:
 
 
 def from_sample(image: Path, root: Path = SAMPLE_ROOT) -> bool:
-    """Whether the image file ``image`` is one of the sample's images: ``root / "images"``
-    holds a file of its name with the same bytes."""
-    twin = root / "images" / image.name
+    """Whether the image file ``image`` is one of the sample's images (a file of
+    ``root / "images"`` with the same bytes, under any name); False without the sample."""
     try:
-        return twin.is_file() and twin.read_bytes() == image.read_bytes()
+        size = image.stat().st_size
+        twins = [path for path in (root / "images").iterdir() if path.stat().st_size == size]
+        return any(twin.read_bytes() == image.read_bytes() for twin in twins)
     except OSError:
         return False
 

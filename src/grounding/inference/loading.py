@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from grounding.errors import DataError
-from grounding.inference.grounder import Grounder, pretrained_path
+from grounding.inference.grounder import Grounder
 from grounding.inference.onnx_grounder import is_onnx_export, load_export
 
 #: ``--model`` / :func:`load_grounder`'s name of the packaged grounder.
@@ -45,6 +45,8 @@ def load_grounder(model: str, device: str = "auto", *, where: str = "device") ->
     that is not a grounder of this project, or a foreign MLflow model (refused before any of it
     is read); :class:`~grounding.errors.ConfigError` naming ``where`` for a device this
     machine lacks."""
+    from grounding.inference.grounder import pretrained_path
+
     model = str(model)
     if model == PRETRAINED_NAME:
         path = pretrained_path()
