@@ -9,10 +9,10 @@ from pathlib import Path
 
 from grounding import candidates, io
 from grounding.config import load_params
+from grounding.data.sample import is_sample_root
 from grounding.errors import run
 from grounding.evaluation import plots
 from grounding.evaluation.metrics import best_threshold, pair_scores, thin, threshold_sweep
-from grounding.data.sample import is_sample_root
 from grounding.inference.grounder import TrainedOn, grounder_weights
 from grounding.modeling.device import use_runtime
 from grounding.modeling.scoring import TrainedHead

@@ -210,9 +210,9 @@ def test_a_grounder_round_trips_through_its_weights_file(
     write_weights(
         *grounder_weights(
             original.scorer.trained,
-                threshold=0.3,
-                candidates="selective_search",
-                settings=SETTINGS,
+            threshold=0.3,
+            candidates="selective_search",
+            settings=SETTINGS,
         ),
         path,
     )
@@ -223,7 +223,10 @@ def test_a_grounder_round_trips_through_its_weights_file(
         SETTINGS,
     )
     assert rebuilt.features == original.features
-    assert rebuilt.scorer.backbone.name == stand_ins.POOLING and rebuilt.scorer.encoder.name == stand_ins.WORDS
+    assert (
+        rebuilt.scorer.backbone.name == stand_ins.POOLING
+        and rebuilt.scorer.encoder.name == stand_ins.WORDS
+    )
     image = two_shapes()
     np.testing.assert_array_equal(
         rebuilt.score(image, BOXES, PHRASES), original.score(image, BOXES, PHRASES)
@@ -299,7 +302,10 @@ def test_a_grounder_of_the_packaged_models_rebuilds_and_grounds(tmp_path: Path) 
         path,
     )
     grounder = Grounder.from_weights(*read_weights(path))
-    assert (grounder.scorer.backbone.name, grounder.scorer.encoder.name) == (meta.backbone, meta.text_encoder)
+    assert (grounder.scorer.backbone.name, grounder.scorer.encoder.name) == (
+        meta.backbone,
+        meta.text_encoder,
+    )
     image = two_shapes()
     boxes = grounder.proposer()(image)
     scores = grounder.score(image, boxes, PHRASES)

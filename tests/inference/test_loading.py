@@ -142,7 +142,10 @@ def test_a_pickle_in_place_of_the_weights_file_is_refused_and_never_runs(
     [
         ({"loader_module": "mlflow.sklearn"}, "a model loaded by the module 'mlflow.sklearn'"),
         ({"loader_module": "mlflow.pyfunc.model", "python_model": "model.pkl"}, "a pickled Python"),
-        ({"artifacts": {"grounder": {"path": "../elsewhere.safetensors"}}}, "an artifact 'grounder' outside"),
+        (
+            {"artifacts": {"grounder": {"path": "../elsewhere.safetensors"}}},
+            "an artifact 'grounder' outside",
+        ),
         ({"artifacts": {}}, "artifacts [] instead of one 'grounder'"),
     ],
 )
@@ -204,8 +207,11 @@ def test_runs_and_models_uris_load_this_projects_grounder_and_refuse_a_pickle(
 
 
 def test_import_grounding_stays_light() -> None:
-    script = "import sys, grounding; print([m for m in ('torch', 'mlflow', 'numpy') if m in sys.modules])"
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    heavy = "('torch', 'mlflow', 'numpy')"
+    script = f"import sys, grounding; print([m for m in {heavy} if m in sys.modules])"
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
     assert done.stdout.strip() == "[]"
 
 
@@ -280,12 +286,13 @@ def test_the_served_table_names_the_model(weights: Path) -> None:
     stand_ins.two_shapes().save(buffer, format="PNG")
     table = pd.DataFrame({"image": [encode_image(buffer.getvalue())], "phrase": ["a red box"]})
     result = model.predict(None, table)
-    assert result["model"].tolist() == [f"{weights}, trained on unknown data (its config does "
-                                        "not say; rebuild it with `dvc repro`)"]
+    assert result["model"].tolist() == [
+        f"{weights}, trained on unknown data (its config does not say; rebuild it with `dvc repro`)"
+    ]
     assert np.isfinite(result["score"].astype(float)).all()
 
 
-def Echo_model():  # noqa: N802 - a factory of a foreign pyfunc model
+def Echo_model():
     import mlflow
 
     class EchoModel(mlflow.pyfunc.PythonModel):

@@ -18,7 +18,6 @@ import pytest
 import stand_ins
 from stand_ins import SETTINGS, two_shapes
 
-from grounding.boxes import box_iou
 from grounding.errors import DataError
 from grounding.inference.grounder import Grounder
 from grounding.inference.onnx_grounder import (
@@ -52,8 +51,14 @@ def test_a_folder_is_an_export_only_with_its_config(tmp_path: Path) -> None:
     "config, message",
     [
         ({"format": "something-else"}, "is not a grounder's ONNX export"),
-        ({"format": FORMAT, "version": 99}, f"export version 99; this install reads version {VERSION}"),
-        ({"format": FORMAT, "version": VERSION}, "not a grounder's ONNX export \\(no 'candidates'\\)"),
+        (
+            {"format": FORMAT, "version": 99},
+            f"export version 99; this install reads version {VERSION}",
+        ),
+        (
+            {"format": FORMAT, "version": VERSION},
+            "not a grounder's ONNX export \\(no 'candidates'\\)",
+        ),
     ],
 )
 def test_a_folder_that_is_not_a_current_export_is_refused(

@@ -381,7 +381,7 @@ def proposer_of(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
 def pixel_box(box: Sequence[float]) -> tuple[int, int, int, int]:
     """A candidate box ``(x1, y1, x2, y2)`` as whole pixels (rounded)."""
-    x1, y1, x2, y2 = (int(round(float(value))) for value in box)
+    x1, y1, x2, y2 = (round(float(value)) for value in box)
     return x1, y1, x2, y2
 
 

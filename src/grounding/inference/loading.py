@@ -144,8 +144,8 @@ def _refusal(model: str, found: str) -> DataError:
 
 
 def _from_mlflow_uri(model: str) -> Grounder:
-    """Download the model's files from the store of :mod:`grounding.tracking` into a temporary
-    folder, check them as a local model folder, load them into memory."""
+    """Download the model's files from the store of :func:`grounding.config.tracking_uri`
+    into a temporary folder, check them as a local model folder, load them into memory."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -169,13 +169,12 @@ def _from_mlflow_uri(model: str) -> Grounder:
 
 def model_store(model: str) -> str:
     """The tracking URI an MLflow model URI (``runs:/``, ``models:/``) is looked up in (that
-    of :mod:`grounding.tracking`); :class:`DataError` naming the file if it, or the
+    of :func:`grounding.config.tracking_uri`); :class:`DataError` naming the file if it, or the
     ``MLFLOW_REGISTRY_URI`` of a ``models:/`` URI, is a SQLite file that does not exist (MLflow
     would create an empty one)."""
-    from grounding import tracking
-    from grounding.config import repo_root
+    from grounding.config import repo_root, tracking_uri
 
-    uri = tracking.tracking_uri(repo_root())
+    uri = tracking_uri(repo_root())
     registry = os.environ.get("MLFLOW_REGISTRY_URI")
     for store in (uri, registry if model.startswith("models:/") else None):
         if store and store.startswith("sqlite:///"):

@@ -15,7 +15,8 @@ a second instead of several).
   phrases (P, phrase_dim)`` -> match ``probabilities (P, N)``;
 - ``grounder.json``: the threshold, the candidate generator and its settings, how the
   features are made (image size, context, the backbone's stride and normalisation), the
-  head's config and the data the grounder was trained on. JSON and ONNX only: loading an export never unpickles anything.
+  head's config and the data the grounder was trained on. JSON and ONNX only: loading an
+  export never unpickles anything.
 """
 
 from __future__ import annotations
