@@ -94,7 +94,7 @@ def commands(images: list[Path], model: str, work: Path, runs: int) -> dict[str,
 def in_process(images: list[Path], model: str, cache_dir: Path) -> tuple[dict[str, float], Any]:
     """Load time and median grounding times inside one process; and the groundings."""
     from grounding import io
-    from grounding.cli import load_grounder
+    from grounding.inference.loading import load_grounder
 
     start = time.perf_counter()
     grounder = load_grounder(model)

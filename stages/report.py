@@ -8,7 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from grounding import io, tracking, validation
-from grounding.config import flatten, load_params, repo_root
+from grounding.config import flatten, load_params, repo_root, tracking_uri
 from grounding.errors import run
 from grounding.evaluation import plots, report
 from grounding.evaluation.metrics import merged_iou
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if not args.no_mlflow:
         root = repo_root()
-        uri = tracking.tracking_uri(root)
+        uri = tracking_uri(root)
         run_id, version, champion = tracking.log_pipeline_run(
             uri=uri,
             artifacts_at=tracking.artifact_location(root),

@@ -1,6 +1,6 @@
 """sweep: choose the decision threshold that maximises F1 on the validation pairs, and bundle
-the head, its threshold and the candidate generator into the grounder `grounding predict`
-loads."""
+the head, its threshold, the candidate generator and what it was trained on (the dataset's name,
+format and number of images) into the grounder `grounding predict` loads."""
 
 from __future__ import annotations
 
@@ -9,12 +9,14 @@ from pathlib import Path
 
 from grounding import candidates, io
 from grounding.config import load_params
+from grounding.data.sample import is_sample_root
 from grounding.errors import run
 from grounding.evaluation import plots
 from grounding.evaluation.metrics import best_threshold, pair_scores, thin, threshold_sweep
-from grounding.inference.grounder import grounder_weights
+from grounding.inference.grounder import TrainedOn, grounder_weights
 from grounding.modeling.device import use_runtime
 from grounding.modeling.scoring import TrainedHead
+from grounding.schemas import SPLITS
 
 PLOT_POINTS = 400
 
@@ -51,11 +53,23 @@ def main(argv: list[str] | None = None) -> None:
         "val_recall": best.recall,
     }
     proposer = candidates.proposer_for_new_images(params.pair.candidates)
+    images = {
+        image_id
+        for name in SPLITS
+        for image_id in io.read_table(args.split / f"{name}.parquet", ["image_id"])["image_id"]
+    }
+    trained_on = TrainedOn(
+        name=params.data.root.resolve().name,
+        format=params.data.format,
+        images=len(images),
+        synthetic=is_sample_root(params.data.root),
+    )
     grounder = grounder_weights(
         trained,
         threshold=threshold,
         candidates=proposer,
         settings=params.candidates.settings(proposer),
+        trained_on=trained_on,
     )
     io.write_weights(*grounder, args.grounder)
     io.write_json(summary, args.summary)

@@ -18,7 +18,7 @@ from tokenizers.models import WordLevel
 from tokenizers.normalizers import Lowercase
 from tokenizers.pre_tokenizers import WhitespaceSplit
 
-from grounding.inference.grounder import Grounder
+from grounding.inference.grounder import Grounder, TorchScorer
 from grounding.modeling import backbones, text
 from grounding.modeling.backbones import IMAGENET_MEAN, IMAGENET_STD, Backbone
 from grounding.modeling.head import HeadConfig, MatchingHead
@@ -130,9 +130,7 @@ def trained_head(seed: int = 0) -> TrainedHead:
 def grounder(threshold: float = 0.5, seed: int = 0) -> Grounder:
     """A grounder of the stand-ins, proposing with selective search under :data:`SETTINGS`."""
     return Grounder(
-        trained_head(seed),
-        pooling_backbone(),
-        word_encoder(),
+        TorchScorer(trained_head(seed), pooling_backbone(), word_encoder()),
         threshold=threshold,
         candidates="selective_search",
         settings=dict(SETTINGS),

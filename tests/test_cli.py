@@ -144,7 +144,7 @@ def test_predict_without_cache_leaves_none(
         (
             lambda d: (d / "x.jpg").write_bytes(jpeg_bytes(64, 64)),
             ["--phrase", "a", "--model", "nowhere.safetensors"],
-            "no model here",
+            "nowhere.safetensors: no such file or folder",
         ),
         (
             lambda d: (d / "x.jpg").write_bytes(jpeg_bytes(64, 64)),
@@ -346,9 +346,9 @@ def _save_echo_model(folder: Path) -> None:
 @pytest.mark.parametrize(
     "setup, message",
     [
-        (lambda d: (d / "m").mkdir(), "m: a folder without an MLmodel file"),
+        (lambda d: (d / "m").mkdir(), "m: a folder without an MLmodel file or grounder.json"),
         (lambda d: (d / "m").write_text("a note"), "m: not a model file of this project"),
-        (_save_echo_model, "m: an MLflow model, but not a grounder of this project"),
+        (_save_echo_model, "m: a model from code whose code is not this project's (echo.py)"),
     ],
 )
 def test_a_model_that_is_not_a_grounder_is_one_line(

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import stand_ins
 
+from grounding.config import tracking_uri
 from grounding.inference.grounder import grounder_weights
 from grounding.io import write_weights
 from grounding.tracking import (
@@ -24,7 +25,6 @@ from grounding.tracking import (
     pipeline_started_at,
     run_tags,
     split_inputs,
-    tracking_uri,
 )
 
 

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -17,15 +16,13 @@ import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from grounding import io
 from grounding.data.formats import FORMATS
+from grounding.data.sample import SAMPLE_ROOT, from_sample
 from grounding.errors import ConfigError, DataError, run
+from grounding.inference.loading import PRETRAINED_NAME, load_grounder
 from grounding.inference.onnx_grounder import EXPORT_FORMATS
-
-if TYPE_CHECKING:
-    from grounding.inference.grounder import Grounder
 
 #: What ``dvc repro`` writes and ``grounding predict`` loads by default.
 TRAINED_GROUNDER = Path("models/grounder.safetensors")
@@ -62,17 +59,26 @@ def _predict(args: argparse.Namespace) -> None:
     check_size(image.size, str(args.image))  # a 1x1 or 1x50000 image too
     check_device_spec(args.device, "--device")  # before the model: a bad name fails fast
     started = time.perf_counter()
-    grounder, out_of_memory_hint = _placed(
-        load_grounder(_model_or_pretrained(args.model)), args.device
-    )
+    grounder = load_grounder(_model_or_pretrained(args.model), args.device, where="--device")
     loaded = time.perf_counter()
+    print(f"model: {grounder.describe()}", file=sys.stderr)
+    if grounder.trained_on and grounder.trained_on.synthetic and not from_sample(args.image):
+        print(
+            f"warning: this model only knows the synthetic shapes of {SAMPLE_ROOT} "
+            "(coloured circles, squares, ...), and this image is not one of them; for real "
+            "photos use the packaged grounder trained on Flickr30k Entities: --model "
+            f"{PRETRAINED_NAME}",
+            file=sys.stderr,
+        )
     proposals = grounder.proposer(None if args.no_cache else io.ProposalCache(args.cache))
-    with out_of_memory_hint:
+    advice = "shrink the image or pass --device cpu"
+    with grounder.scorer.out_of_memory_hint(advice):
         found = grounder.ground(image, phrases, top_k=args.top_k, proposals=proposals)
     done = time.perf_counter()
     result = {
         "image": str(args.image),
         "size": list(image.size),
+        "model": grounder.model_info(),
         "threshold": grounder.threshold,
         "phrases": [grounding.to_dict() for grounding in found],
         "seconds": {"load_model": round(loaded - started, 3), "ground": round(done - loaded, 3)},
@@ -84,28 +90,6 @@ def _predict(args: argparse.Namespace) -> None:
         result["out"] = str(args.out)
     json.dump(result, sys.stdout, indent=2)
     print()
-
-
-def _placed(
-    grounder: Grounder, device: str
-) -> tuple[Grounder, contextlib.AbstractContextManager[object]]:
-    """``grounder`` on the ``device`` that ``--device`` names, and the context that turns a GPU
-    out of memory into a one-line error. An ONNX export runs on onnxruntime's CPU: ``auto`` and
-    ``cpu`` keep it there without importing torch; ``cuda`` is refused."""
-    from grounding.inference.onnx_grounder import OnnxGrounder
-
-    if isinstance(grounder, OnnxGrounder):
-        if device not in ("auto", "cpu"):
-            raise ConfigError(
-                f"--device {device}: an ONNX export runs on the CPU (onnxruntime); "
-                "pass the torch grounder (its .safetensors file) as --model to use a GPU"
-            )
-        return grounder, contextlib.nullcontext()
-    from grounding.modeling.device import gpu_memory_hint, resolve_device
-
-    placed = resolve_device(device, "--device")
-    hint = gpu_memory_hint(placed, "shrink the image or pass --device cpu")
-    return grounder.to(placed), hint
 
 
 def _read_phrases(path: Path) -> list[str]:
@@ -178,7 +162,8 @@ def _check_output(folder: Path, names: Iterable[Path], *, force: bool) -> None:
 
 def _export(args: argparse.Namespace) -> None:
     started = time.perf_counter()
-    grounder = load_grounder(args.model)
+    grounder = load_grounder(args.model, "cpu", where="--device")
+    print(f"model: {grounder.describe()}", file=sys.stderr)
     written = EXPORT_FORMATS[args.format](grounder, args.out)
     size = sum(path.stat().st_size for path in written)
     print(
@@ -204,82 +189,7 @@ def _model_or_pretrained(model: str | None, trained: Path = TRAINED_GROUNDER) ->
         "Flickr30k images (non-commercial research terms; docs/serving.md: The packaged grounder)",
         file=sys.stderr,
     )
-    return str(packaged)
-
-
-def load_grounder(model: str) -> Grounder:
-    """A :class:`~grounding.inference.grounder.Grounder` from its weights file
-    (``models/grounder.safetensors``), a logged pyfunc model's folder, or an MLflow model URI
-    (``runs:/<id>/grounder``, ``models:/phrase-grounder/<version>``) in the store of
-    :mod:`grounding.tracking`; or an ONNX export's folder (``grounding export``), run with
-    onnxruntime without importing torch."""
-    from grounding.inference.onnx_grounder import OnnxGrounder, is_onnx_export
-
-    path = Path(model)
-    if is_onnx_export(path):
-        return OnnxGrounder.load(path)
-    from grounding.inference.grounder import Grounder
-
-    if "://" not in model and ":/" not in model and not (path / "MLmodel").exists():
-        if path.is_dir():
-            raise DataError(
-                f"{model}: a folder without an MLmodel file: neither a grounder weights file "
-                "nor an MLflow model folder"
-            )
-        return Grounder.from_weights(*io.read_weights(path))
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    store = _model_store(model) if ":/" in model else None
-    if store:
-        mlflow.set_tracking_uri(store)
-    try:
-        loaded = mlflow.pyfunc.load_model(model)
-    except (MlflowException, OSError) as error:
-        registry = os.environ.get("MLFLOW_REGISTRY_URI")
-        named = (
-            f"{store} (registry {registry})" if store and registry not in (None, store) else store
-        )
-        where = f" in the store {named}" if store else ""
-        raise DataError(f"{model}: cannot load the model{where} ({error})") from None
-    return _grounder_of(loaded, model)
-
-
-def _model_store(model: str) -> str:
-    """The tracking URI an MLflow model URI (``runs:/``, ``models:/``) is looked up in (that
-    of :mod:`grounding.tracking`); :class:`DataError` naming the file if it, or the
-    ``MLFLOW_REGISTRY_URI`` of a ``models:/`` URI, is a SQLite file that does not exist (MLflow
-    would create an empty one)."""
-    from grounding import tracking
-    from grounding.config import repo_root
-
-    uri = tracking.tracking_uri(repo_root())
-    registry = os.environ.get("MLFLOW_REGISTRY_URI")
-    for store in (uri, registry if model.startswith("models:/") else None):
-        if store and store.startswith("sqlite:///"):
-            database = Path(store.removeprefix("sqlite:///"))
-            if not database.is_file():
-                raise DataError(
-                    f"{model}: cannot load the model: no MLflow store at {database.absolute()} "
-                    "(run from the repository that logged it, or set MLFLOW_TRACKING_URI)"
-                )
-    return uri
-
-
-def _grounder_of(loaded: object, model: str) -> Grounder:
-    """The grounder inside a loaded pyfunc model; :class:`DataError` if it holds none."""
-    from mlflow.exceptions import MlflowException
-
-    from grounding.inference.grounder import Grounder
-
-    try:
-        grounder = getattr(loaded.unwrap_python_model(), "grounder", None)  # type: ignore[attr-defined]
-    except MlflowException:  # a pyfunc of another flavour (sklearn, ...)
-        grounder = None
-    if not isinstance(grounder, Grounder):
-        raise DataError(f"{model}: an MLflow model, but not a grounder of this project")
-    return grounder
+    return PRETRAINED_NAME
 
 
 def _top_k(text: str) -> int:
@@ -310,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument(
         "--out",
         type=Path,
-        default=Path("data/sample"),
+        default=SAMPLE_ROOT,
         help="folder; an earlier sample there is replaced",
     )
     sample.add_argument("--seed", type=int, default=0, help="random seed")
@@ -340,10 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--phrases-file", type=Path, help="a file of phrases, one per line")
     predict.add_argument(
         "--model",
-        help="grounder weights file, pyfunc model folder, MLflow URI "
+        help=f"{PRETRAINED_NAME} (the packaged grounder, trained on real Flickr30k photos), a "
+        "grounder weights file, this project's pyfunc model folder, an MLflow URI "
         "(runs:/<run id>/grounder, models:/phrase-grounder/<version>), or the folder of "
         "`grounding export --format onnx` (fastest to start); default "
-        f"{TRAINED_GROUNDER}, or the packaged Flickr30k grounder when that does not exist",
+        f"{TRAINED_GROUNDER}, or {PRETRAINED_NAME} when that does not exist",
     )
     predict.add_argument(
         "--top-k", type=_top_k, default=1, help="boxes per phrase, 1 to 1000 (default 1)"

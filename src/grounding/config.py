@@ -326,6 +326,12 @@ def repo_root() -> Path:
     return Path(os.environ.get("DVC_ROOT", ".")).resolve()
 
 
+def tracking_uri(root: Path) -> str:
+    """The MLflow store the pipeline logs to and model URIs are looked up in:
+    ``MLFLOW_TRACKING_URI`` if set, else the SQLite store ``<root>/mlflow.db``."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
+
+
 def load_params(path: Path) -> Params:
     """Read and check ``params.yaml``."""
     with open(path, encoding="utf-8") as handle:

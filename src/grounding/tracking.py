@@ -47,11 +47,6 @@ CHAMPION = "champion"
 _MODEL_CODE = Path(__file__).parent / "inference" / "mlflow_model.py"
 
 
-def tracking_uri(root: Path) -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else the SQLite store ``<root>/mlflow.db``."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
-
-
 def artifact_location(root: Path) -> str:
     """Where a new experiment keeps its artifacts: ``<root>/mlruns``. MLflow would otherwise
     resolve ``./mlruns`` against the working directory, which for a queued DVC experiment is

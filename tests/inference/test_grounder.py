@@ -36,11 +36,12 @@ BOXES = np.array([[20, 30, 90, 120], [140, 50, 220, 100], [0, 0, 240, 160], [100
 
 def by_hand(grounder: Grounder, image: Image.Image, boxes: np.ndarray, phrases: list[str]):
     """Each (phrase, box) scored alone: ``(P, N)`` probabilities."""
-    meta, head = grounder.features, grounder.trained.head
+    scorer = grounder.scorer
+    meta, head = grounder.features, scorer.trained.head
     regions = image_features(
-        grounder.backbone, image, boxes, image_size=meta.image_size, context=meta.context
+        scorer.backbone, image, boxes, image_size=meta.image_size, context=meta.context
     )
-    texts = encode_phrases(grounder.encoder, phrases)
+    texts = encode_phrases(scorer.encoder, phrases)
     with torch.inference_mode():
         return np.array(
             [
@@ -208,7 +209,10 @@ def test_a_grounder_round_trips_through_its_weights_file(
     path = tmp_path / "grounder.safetensors"
     write_weights(
         *grounder_weights(
-            original.trained, threshold=0.3, candidates="selective_search", settings=SETTINGS
+            original.scorer.trained,
+            threshold=0.3,
+            candidates="selective_search",
+            settings=SETTINGS,
         ),
         path,
     )
@@ -219,7 +223,10 @@ def test_a_grounder_round_trips_through_its_weights_file(
         SETTINGS,
     )
     assert rebuilt.features == original.features
-    assert rebuilt.backbone.name == stand_ins.POOLING and rebuilt.encoder.name == stand_ins.WORDS
+    assert (
+        rebuilt.scorer.backbone.name == stand_ins.POOLING
+        and rebuilt.scorer.encoder.name == stand_ins.WORDS
+    )
     image = two_shapes()
     np.testing.assert_array_equal(
         rebuilt.score(image, BOXES, PHRASES), original.score(image, BOXES, PHRASES)
@@ -295,7 +302,10 @@ def test_a_grounder_of_the_packaged_models_rebuilds_and_grounds(tmp_path: Path) 
         path,
     )
     grounder = Grounder.from_weights(*read_weights(path))
-    assert (grounder.backbone.name, grounder.encoder.name) == (meta.backbone, meta.text_encoder)
+    assert (grounder.scorer.backbone.name, grounder.scorer.encoder.name) == (
+        meta.backbone,
+        meta.text_encoder,
+    )
     image = two_shapes()
     boxes = grounder.proposer()(image)
     scores = grounder.score(image, boxes, PHRASES)

@@ -49,6 +49,9 @@ class RecordingGrounder:
     def __init__(self) -> None:
         self.calls: list[tuple[tuple[int, int], list[str]]] = []
 
+    def describe(self) -> str:
+        return "a recording stand-in, trained on nothing"
+
     def ground(self, image: Image.Image, phrases: list[str], *, top_k: int) -> list[Grounding]:
         self.calls.append((image.size, phrases))
         return [
@@ -152,6 +155,7 @@ def test_predict_table_grounds_the_phrases_of_one_image_together() -> None:
     assert result["score"].tolist() == pytest.approx([0.9, 0.8] * 3)
     assert result["above_threshold"].tolist() == [True, False] * 3
     assert result["reason"].isna().all()
+    assert set(result["model"]) == {"a recording stand-in, trained on nothing"}
 
 
 def test_a_phrase_without_boxes_is_one_row_with_its_reason_and_nulls() -> None:

@@ -13,9 +13,10 @@ from __future__ import annotations
 import importlib.resources
 import re
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from PIL import Image
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from grounding.modeling.backbones import Backbone
     from grounding.modeling.scoring import TrainedHead
     from grounding.modeling.text import TextEncoder
+    from grounding.schemas import FeaturesMeta
 
 #: The most boxes a phrase may ask for (``top_k``); a grounder proposes far fewer candidates.
 MAX_TOP_K = 1000
@@ -44,21 +46,36 @@ _BRACKETED = re.compile(r"\[(?:/EN#\d+(?:/[\w-]+)+\s+)?([^\[\]]*)\]")
 
 @dataclass(frozen=True)
 class Found:
-    """One box for a phrase: ``box`` ``(x1, y1, x2, y2)`` in image pixels, its ``score``
-    (probability of a match) and whether that clears the validation threshold."""
+    """One box for a phrase: ``box`` ``(x1, y1, x2, y2)`` in whole image pixels (0-based,
+    exclusive ends), its ``score`` (probability of a match) and whether that clears the
+    validation threshold."""
 
-    box: tuple[float, float, float, float]
+    box: tuple[int, int, int, int]
     score: float
     above_threshold: bool
 
 
 @dataclass(frozen=True)
 class Grounding:
-    """A phrase's best boxes, best first; empty with a ``reason`` when there is nothing."""
+    """A phrase's best boxes, best first; empty with a ``reason`` when there is nothing.
+    :attr:`box`, :attr:`score` and :attr:`above_threshold` are the best box's (None when
+    there is none)."""
 
     phrase: str
     boxes: list[Found] = field(default_factory=list)
     reason: str | None = None
+
+    @property
+    def box(self) -> tuple[int, int, int, int] | None:
+        return self.boxes[0].box if self.boxes else None
+
+    @property
+    def score(self) -> float | None:
+        return self.boxes[0].score if self.boxes else None
+
+    @property
+    def above_threshold(self) -> bool:
+        return bool(self.boxes) and self.boxes[0].above_threshold
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -120,33 +137,156 @@ def check_image(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
+@dataclass(frozen=True)
+class TrainedOn:
+    """The data a grounder was trained on (saved in its config as ``data``): the dataset's
+    ``name`` (its folder's name, not its path: the file's bytes do not depend on the machine),
+    the ``format`` the pipeline read it in, how many ``images`` its splits hold, and whether it
+    is the ``synthetic`` sample that ships with the repository (coloured shapes, not photos)."""
+
+    name: str
+    format: str
+    images: int
+    synthetic: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> TrainedOn | None:
+        """The ``data`` entry of a grounder's config; None for a grounder saved without one."""
+        data = config.get("data")
+        if not isinstance(data, dict):
+            return None
+        try:
+            return cls(
+                str(data["name"]),
+                str(data["format"]),
+                int(data["images"]),
+                bool(data["synthetic"]),
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise DataError(f"the grounder's data entry is not valid (no {error})") from None
+
+    def describe(self) -> str:
+        """``"sample (299 images, synthetic shapes)"``."""
+        kind = "synthetic shapes" if self.synthetic else f"{self.format} data"
+        return f"{self.name} ({self.images:,} images, {kind})"
+
+
+class Scorer(Protocol):
+    """What scores phrases against boxes for a :class:`Grounder`: :class:`TorchScorer` (the
+    modules the pipeline trained) or the ONNX export of them
+    (:class:`~grounding.inference.onnx_grounder.OnnxScorer`)."""
+
+    @property
+    def features(self) -> FeaturesMeta:
+        """How the scored features are made (backbone, text encoder, image size, context)."""
+        ...
+
+    def score(self, image: Image.Image, boxes: np.ndarray, phrases: Sequence[str]) -> np.ndarray:
+        """Match probabilities ``(len(phrases), len(boxes))`` of every phrase with every box
+        ``(N, 4)`` (pixels of ``image``)."""
+        ...
+
+    def place(self, device: str, where: str) -> None:
+        """Run on the device ``device`` names (``auto``, ``cpu``, ``cuda``, ``cuda:N``);
+        :class:`ConfigError` naming ``where`` (the option that named it) if it cannot."""
+        ...
+
+    def out_of_memory_hint(self, advice: str) -> AbstractContextManager[object]:
+        """A context that turns running out of device memory into a one-line error."""
+        ...
+
+    def onnx_parts(self) -> tuple[dict[str, bytes], str, dict[str, Any]]:
+        """The ONNX graphs ``{"regions", "text", "head"}``, the tokenizer's JSON and what
+        running them needs (see :mod:`grounding.inference.onnx_grounder`)."""
+        ...
+
+
+class TorchScorer:
+    """A trained head with the backbone and text encoder that make its features: the modules
+    of the pipeline, run eagerly with torch."""
+
+    def __init__(self, trained: TrainedHead, backbone: Backbone, encoder: TextEncoder) -> None:
+        self.trained = trained
+        self.backbone = backbone
+        self.encoder = encoder
+        self.device: torch.device | None = None
+
+    @property
+    def features(self) -> FeaturesMeta:
+        return self.trained.features
+
+    def score(self, image: Image.Image, boxes: np.ndarray, phrases: Sequence[str]) -> np.ndarray:
+        from grounding.modeling.region_features import image_features
+        from grounding.modeling.scoring import score_grid
+        from grounding.modeling.text import encode_phrases
+
+        regions = image_features(
+            self.backbone,
+            image,
+            boxes,
+            image_size=self.features.image_size,
+            context=self.features.context,
+        )
+        return score_grid(self.trained.head, regions, encode_phrases(self.encoder, list(phrases)))
+
+    def place(self, device: str, where: str) -> None:
+        from grounding.modeling.device import resolve_device
+
+        placed = resolve_device(device, where)
+        self.backbone.trunk.to(placed)
+        self.encoder.model.to(placed)
+        self.trained.to(placed)
+        self.device = placed
+
+    def out_of_memory_hint(self, advice: str) -> AbstractContextManager[object]:
+        from grounding.modeling.device import gpu_memory_hint
+
+        return gpu_memory_hint(self.device, advice) if self.device else nullcontext()
+
+    def onnx_parts(self) -> tuple[dict[str, bytes], str, dict[str, Any]]:
+        from grounding.modeling.export import export_settings, onnx_models, tokenizer_json
+
+        try:
+            text = tokenizer_json(self.encoder)
+        except ValueError as error:
+            raise DataError(str(error)) from None
+        models = onnx_models(self.backbone, self.encoder, self.trained.head)
+        settings = export_settings(self.backbone, self.encoder)
+        return models, text, {**settings, "head": self.trained.to_weights()[1]["head"]}
+
+
 class Grounder:
-    """Candidates + backbone + text encoder + head + threshold.
+    """Candidates + a :class:`Scorer` + threshold: phrases in, boxes out.
 
     ``candidates`` names the generator of :mod:`grounding.candidates` that proposes boxes in a
-    new image, with its keyword ``settings``.
+    new image, with its keyword ``settings``; ``trained_on`` is the data the scorer was
+    trained on (None when its file does not say); ``source`` is where the grounder was loaded
+    from (a path or an MLflow URI; set by :func:`~grounding.inference.loading.load_grounder`).
     """
 
     def __init__(
         self,
-        trained: TrainedHead,
-        backbone: Backbone,
-        encoder: TextEncoder,
+        scorer: Scorer,
         *,
         threshold: float,
         candidates: str,
         settings: dict[str, Any],
+        trained_on: TrainedOn | None = None,
+        source: str | None = None,
     ) -> None:
-        self.trained = trained
-        self.backbone = backbone
-        self.encoder = encoder
+        self.scorer = scorer
         self.threshold = threshold
         self.candidates = candidates
         self.settings = settings
+        self.trained_on = trained_on
+        self.source = source
 
     @property
-    def features(self) -> Any:
-        return self.trained.features
+    def features(self) -> FeaturesMeta:
+        return self.scorer.features
 
     @classmethod
     def from_weights(cls, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> Grounder:
@@ -158,28 +298,28 @@ class Grounder:
         trained = TrainedHead.from_weights(tensors, config)
         features = trained.features
         try:
-            name = config["candidates"]["name"]
-            settings = dict(config["candidates"]["settings"])
-            candidates.proposer(name, settings)  # refuses a generator or settings it lacks
+            name, settings = proposer_of(config)
             weights = features.backbone_weights
-            return cls(
+            scorer = TorchScorer(
                 trained,
                 load_backbone(features.backbone, Path(weights) if weights else None),
                 load_text_encoder(features.text_encoder),
+            )
+            return cls(
+                scorer,
                 threshold=float(config["threshold"]),
                 candidates=name,
                 settings=settings,
+                trained_on=TrainedOn.from_config(config),
             )
         except (KeyError, TypeError) as error:
             raise DataError(f"not a grounder of this project (no {error})") from None
         except (ValueError, ConfigError) as error:  # a model or setting this install lacks
             raise DataError(f"the grounder cannot be rebuilt here: {error}") from None
 
-    def to(self, device: torch.device) -> Grounder:
-        """This grounder with backbone, text encoder and head moved to ``device``."""
-        self.backbone.trunk.to(device)
-        self.encoder.model.to(device)
-        self.trained.to(device)
+    def place(self, device: str, where: str = "device") -> Grounder:
+        """This grounder on the device ``device`` names (see :meth:`Scorer.place`)."""
+        self.scorer.place(device, where)
         return self
 
     @property
@@ -195,6 +335,22 @@ class Grounder:
         """``image -> boxes`` of this grounder's candidate generator (cached with ``cache``, a
         :class:`~grounding.io.ProposalCache`)."""
         return candidates.proposer(self.candidates, self.settings, cache)
+
+    def describe(self) -> str:
+        """Which model this is, in words: where it came from and what it was trained on."""
+        trained_on = (
+            self.trained_on.describe()
+            if self.trained_on
+            else "unknown data (its config does not say; rebuild it with `dvc repro`)"
+        )
+        return f"{self.source or 'a grounder in memory'}, trained on {trained_on}"
+
+    def model_info(self) -> dict[str, Any]:
+        """Which model answered, as JSON: ``source`` and ``trained_on`` (null if unknown)."""
+        return {
+            "source": self.source,
+            "trained_on": self.trained_on.to_dict() if self.trained_on else None,
+        }
 
     def ground(
         self,
@@ -223,11 +379,7 @@ class Grounder:
         for phrase, row in zip(phrases, scores, strict=True):
             best = np.argsort(-row, kind="stable")[:top_k]
             found = [
-                Found(
-                    tuple(float(v) for v in boxes[i]),
-                    float(row[i]),
-                    bool(row[i] >= self.threshold),
-                )
+                Found(pixel_box(boxes[i]), float(row[i]), bool(row[i] >= self.threshold))
                 for i in best
             ]
             results.append(Grounding(phrase, found))
@@ -235,18 +387,23 @@ class Grounder:
 
     def score(self, image: Image.Image, boxes: np.ndarray, phrases: Sequence[str]) -> np.ndarray:
         """Match probabilities ``(len(phrases), len(boxes))`` of every phrase with every box."""
-        from grounding.modeling.region_features import image_features
-        from grounding.modeling.scoring import score_grid
-        from grounding.modeling.text import encode_phrases
+        return self.scorer.score(image, boxes, phrases)
 
-        regions = image_features(
-            self.backbone,
-            image,
-            boxes,
-            image_size=self.features.image_size,
-            context=self.features.context,
-        )
-        return score_grid(self.trained.head, regions, encode_phrases(self.encoder, list(phrases)))
+
+def proposer_of(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The candidate generator and its settings of a grounder's config; :class:`ConfigError`
+    if this install lacks the generator or refuses the settings, :class:`KeyError` or
+    :class:`TypeError` if the config has no such entry."""
+    name = config["candidates"]["name"]
+    settings = dict(config["candidates"]["settings"])
+    candidates.proposer(name, settings)  # refuses a generator or settings it lacks
+    return name, settings
+
+
+def pixel_box(box: Sequence[float]) -> tuple[int, int, int, int]:
+    """A candidate box ``(x1, y1, x2, y2)`` as whole pixels (rounded)."""
+    x1, y1, x2, y2 = (round(float(value)) for value in box)
+    return x1, y1, x2, y2
 
 
 def pretrained_path(name: str = PRETRAINED) -> Path:
@@ -256,12 +413,19 @@ def pretrained_path(name: str = PRETRAINED) -> Path:
 
 
 def grounder_weights(
-    trained: TrainedHead, *, threshold: float, candidates: str, settings: dict[str, Any]
+    trained: TrainedHead,
+    *,
+    threshold: float,
+    candidates: str,
+    settings: dict[str, Any],
+    trained_on: TrainedOn | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Tensors and JSON config of a grounder: a trained head, the ``threshold`` chosen on
-    validation, and the generator ``candidates`` (with its keyword ``settings``) that proposes
-    boxes in new images."""
+    validation, the generator ``candidates`` (with its keyword ``settings``) that proposes
+    boxes in new images, and the data it was ``trained_on``."""
     tensors, config = trained.to_weights()
     config["threshold"] = float(threshold)
     config["candidates"] = {"name": candidates, "settings": dict(settings)}
+    if trained_on is not None:
+        config["data"] = trained_on.to_dict()
     return tensors, config

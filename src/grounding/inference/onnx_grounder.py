@@ -4,22 +4,25 @@ a second instead of several).
 
 ``grounding export --format onnx`` writes a folder (:func:`export_onnx`):
 
-- ``regions.onnx``: the backbone's trunk and RoIAlign, ``image (1, 3, H, W)`` (normalised and
-  padded as :func:`~grounding.modeling.region_features.normalised_image` makes it) and
-  ``boxes (N, 4)`` (pixels of that image) -> ``features (N, channels)``;
-- ``text_encoder.onnx``: the transformer and its mean pooling, ``input_ids, attention_mask
-  (P, T)`` -> unit-norm ``embeddings (P, dim)``; ``tokenizer.json`` its tokenizer (read with
-  the ``tokenizers`` package);
-- ``head.onnx``: ``regions (N, region_dim), phrases (P, phrase_dim)`` -> match
-  ``probabilities (P, N)``;
+- ``regions.onnx``: :class:`~grounding.modeling.pooling.RegionPooling` (the backbone's trunk
+  and RoIAlign), ``image (1, 3, H, W)`` (normalised and padded as
+  :func:`~grounding.modeling.region_features.normalised_image` makes it) and ``rois (N, 5)``
+  (0, then the box in pixels of that image) -> ``features (N, channels)``;
+- ``text_encoder.onnx``: :class:`~grounding.modeling.pooling.PhrasePooling` (the transformer
+  and its mean pooling), ``input_ids, attention_mask (P, T)`` -> unit-norm ``embeddings (P,
+  dim)``; ``tokenizer.json`` its tokenizer (read with the ``tokenizers`` package);
+- ``head.onnx``: :class:`~grounding.modeling.scoring.GridScorer`, ``regions (N, region_dim),
+  phrases (P, phrase_dim)`` -> match ``probabilities (P, N)``;
 - ``grounder.json``: the threshold, the candidate generator and its settings, how the
-  features are made (image size, context, the backbone's stride and normalisation) and the
-  grounder's config. JSON and ONNX only: loading an export never unpickles anything.
+  features are made (image size, context, the backbone's stride and normalisation), the
+  head's config and the data the grounder was trained on. JSON and ONNX only: loading an
+  export never unpickles anything.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,8 +30,8 @@ import numpy as np
 from PIL import Image
 
 from grounding import io
-from grounding.errors import DataError
-from grounding.inference.grounder import Grounder
+from grounding.errors import ConfigError, DataError
+from grounding.inference.grounder import Grounder, TrainedOn, proposer_of
 from grounding.modeling.region_features import (
     assemble_features,
     normalised_image,
@@ -44,7 +47,7 @@ if TYPE_CHECKING:
 CONFIG_FILE = "grounder.json"
 #: What ``grounder.json`` says it is, and the layout version this module reads.
 FORMAT = "grounding-onnx"
-VERSION = 1
+VERSION = 2  # 2: regions.onnx takes ``rois (N, 5)``
 MODEL_FILES = {"regions": "regions.onnx", "text": "text_encoder.onnx", "head": "head.onnx"}
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -56,18 +59,15 @@ def is_onnx_export(path: Path) -> bool:
 
 def export_onnx(grounder: Grounder, folder: Path) -> list[Path]:
     """Write ``grounder`` as an ONNX export into ``folder`` (see the module docstring); return
-    the files written. ``grounder.json`` is written last: a folder without it is no export."""
-    from grounding.modeling.export import export_settings, onnx_models, tokenizer_json
-
-    if isinstance(grounder, OnnxGrounder):
-        raise DataError("the grounder is an ONNX export already; export its torch grounder")
+    the files written. ``grounder.json`` is written last: a folder without it is no export.
+    :class:`DataError` if the grounder's scorer cannot be exported (it is an export already)."""
+    models, tokenizer, settings = grounder.scorer.onnx_parts()
     folder = Path(folder)
-    models = onnx_models(grounder.backbone, grounder.encoder, grounder.trained.head)
     written = []
     for key, content in models.items():
         io.write_bytes(content, folder / MODEL_FILES[key])
         written.append(folder / MODEL_FILES[key])
-    io.write_text(tokenizer_json(grounder.encoder), folder / TOKENIZER_FILE)
+    io.write_text(tokenizer, folder / TOKENIZER_FILE)
     written.append(folder / TOKENIZER_FILE)
     config = {
         "format": FORMAT,
@@ -75,16 +75,61 @@ def export_onnx(grounder: Grounder, folder: Path) -> list[Path]:
         "threshold": float(grounder.threshold),
         "candidates": {"name": grounder.candidates, "settings": dict(grounder.settings)},
         "features": grounder.features.to_dict(),
-        **export_settings(grounder.backbone, grounder.encoder),
-        "head": grounder.trained.to_weights()[1]["head"],
+        **settings,
     }
+    if grounder.trained_on is not None:
+        config["data"] = grounder.trained_on.to_dict()
     io.write_json(config, folder / CONFIG_FILE)
     return [*written, folder / CONFIG_FILE]
 
 
-class OnnxGrounder(Grounder):
-    """A :class:`Grounder` whose features and scores come from an ONNX export: the same
-    ``ground``, ``proposer``, ``threshold``, ``candidates`` and ``settings``."""
+def load_export(folder: Path, *, threads: int = 0) -> Grounder:
+    """The grounder of an export written by :func:`export_onnx`, scoring with onnxruntime;
+    :class:`DataError` when ``folder`` is not one (or one of another layout version).
+    ``threads``: onnxruntime's intra-op threads (0: its default, one per core)."""
+    import onnxruntime
+    from tokenizers import Tokenizer
+
+    folder = Path(folder)
+    config = io.read_json(folder / CONFIG_FILE)
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise DataError(f"{folder}: {CONFIG_FILE} is not a grounder's ONNX export")
+    if config.get("version") != VERSION:
+        raise DataError(
+            f"{folder}: ONNX export version {config.get('version')}; this install reads "
+            f"version {VERSION} (export the grounder again with `grounding export`)"
+        )
+    try:
+        name, settings = proposer_of(config)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        sessions = {
+            key: onnxruntime.InferenceSession(
+                str(folder / file), options, providers=["CPUExecutionProvider"]
+            )
+            for key, file in MODEL_FILES.items()
+        }
+        tokenizer = Tokenizer.from_file(str(folder / TOKENIZER_FILE))
+        scorer = OnnxScorer(sessions, tokenizer, config)
+        trained_on = TrainedOn.from_config(config)
+        threshold = float(config["threshold"])
+    except (KeyError, TypeError) as error:
+        raise DataError(f"{folder}: not a grounder's ONNX export (no {error})") from None
+    except Exception as error:  # onnxruntime and tokenizers raise their own types
+        if isinstance(error, DataError | ConfigError):
+            raise
+        message = " ".join(str(error).split())[:300]
+        raise DataError(f"{folder}: cannot load the ONNX export ({message})") from None
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(int(config["text_encoder"]["max_tokens"]))
+    return Grounder(
+        scorer, threshold=threshold, candidates=name, settings=settings, trained_on=trained_on
+    )
+
+
+class OnnxScorer:
+    """A :class:`~grounding.inference.grounder.Scorer` of an ONNX export: the graphs of the
+    pipeline's modules run with onnxruntime on the CPU, without torch."""
 
     def __init__(
         self,
@@ -95,59 +140,30 @@ class OnnxGrounder(Grounder):
         self.sessions = sessions
         self.tokenizer = tokenizer
         self.config = config
-        self.threshold = float(config["threshold"])
-        self.candidates = config["candidates"]["name"]
-        self.settings = dict(config["candidates"]["settings"])
         self._features = FeaturesMeta.from_dict(config["features"])
 
     @property
     def features(self) -> FeaturesMeta:
         return self._features
 
-    @classmethod
-    def load(cls, folder: Path, *, threads: int = 0) -> OnnxGrounder:
-        """Load an export written by :func:`export_onnx`; :class:`DataError` when ``folder``
-        is not one (or one of another layout version). ``threads``: onnxruntime's intra-op
-        threads (0: its default, one per core)."""
-        import onnxruntime
-        from tokenizers import Tokenizer
-
-        from grounding import candidates
-
-        folder = Path(folder)
-        config = io.read_json(folder / CONFIG_FILE)
-        if not isinstance(config, dict) or config.get("format") != FORMAT:
-            raise DataError(f"{folder}: {CONFIG_FILE} is not a grounder's ONNX export")
-        if config.get("version") != VERSION:
-            raise DataError(
-                f"{folder}: ONNX export version {config.get('version')}; this install reads "
-                f"version {VERSION} (export the grounder again with `grounding export`)"
+    def place(self, device: str, where: str) -> None:
+        """``auto`` and ``cpu`` keep the export on onnxruntime's CPU without importing torch;
+        a GPU is refused."""
+        if device not in ("auto", "cpu"):
+            raise ConfigError(
+                f"{where} {device}: an ONNX export runs on the CPU (onnxruntime); "
+                "load the torch grounder (its .safetensors file) to use a GPU"
             )
-        try:
-            candidates.proposer(config["candidates"]["name"], config["candidates"]["settings"])
-            options = onnxruntime.SessionOptions()
-            options.intra_op_num_threads = threads
-            sessions = {
-                key: onnxruntime.InferenceSession(
-                    str(folder / name), options, providers=["CPUExecutionProvider"]
-                )
-                for key, name in MODEL_FILES.items()
-            }
-            tokenizer = Tokenizer.from_file(str(folder / TOKENIZER_FILE))
-            grounder = cls(sessions, tokenizer, config)
-        except (KeyError, TypeError) as error:
-            raise DataError(f"{folder}: not a grounder's ONNX export (no {error})") from None
-        except Exception as error:  # onnxruntime and tokenizers raise their own types
-            if isinstance(error, DataError):
-                raise
-            message = " ".join(str(error).split())[:300]
-            raise DataError(f"{folder}: cannot load the ONNX export ({message})") from None
-        tokenizer.no_padding()
-        tokenizer.enable_truncation(int(config["text_encoder"]["max_tokens"]))
-        return grounder
+
+    def out_of_memory_hint(self, advice: str) -> AbstractContextManager[object]:
+        return nullcontext()
+
+    def onnx_parts(self) -> tuple[dict[str, bytes], str, dict[str, Any]]:
+        raise DataError("the grounder is an ONNX export already; export its torch grounder")
 
     def score(self, image: Image.Image, boxes: np.ndarray, phrases: Sequence[str]) -> np.ndarray:
-        """Match probabilities ``(len(phrases), len(boxes))``, as :meth:`Grounder.score`."""
+        """Match probabilities ``(len(phrases), len(boxes))``, as
+        :meth:`~grounding.inference.grounder.TorchScorer.score` computes them."""
         return self.sessions["head"].run(
             None,
             {"regions": self.region_features(image, boxes), "phrases": self.encode(phrases)},
@@ -166,9 +182,9 @@ class OnnxGrounder(Grounder):
             mean=tuple(backbone["mean"]),
             std=tuple(backbone["std"]),
         )
-        visual = self.sessions["regions"].run(
-            None, {"image": pixels[None], "boxes": scaled_boxes(query, scale)}
-        )[0]
+        scaled = scaled_boxes(query, scale)
+        rois = np.concatenate([np.zeros((len(scaled), 1), np.float32), scaled], axis=1)
+        visual = self.sessions["regions"].run(None, {"image": pixels[None], "rois": rois})[0]
         return assemble_features(visual, boxes, image.size, features.context)
 
     def encode(self, phrases: Sequence[str]) -> np.ndarray:

@@ -3,8 +3,9 @@
 Input: a table with a column ``image`` (the image file's bytes, base64-encoded) and a column
 ``phrase``; rows with the same image are grounded together, in one pass over the image.
 Output: one row per phrase and box: ``row`` (the input row), ``phrase``, ``rank`` (1 = best),
-``x1, y1, x2, y2`` (image pixels), ``score``, ``above_threshold`` and ``reason`` (why a phrase
-has no box). Param ``top_k`` (default 1): boxes per phrase.
+``x1, y1, x2, y2`` (image pixels), ``score``, ``above_threshold``, ``reason`` (why a phrase
+has no box) and ``model`` (which grounder answered: where it was loaded from and what it was
+trained on). Param ``top_k`` (default 1): boxes per phrase.
 
 The model runs on the device that the environment variable ``GROUNDING_DEVICE`` names
 (``auto``, the default: a GPU if torch sees one; ``cpu``; ``cuda``; ``cuda:N``).
@@ -35,7 +36,6 @@ import os
 import re
 import sys
 import threading
-from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
@@ -84,6 +84,7 @@ OUTPUT_COLUMNS = (
     "score",
     "above_threshold",
     "reason",
+    "model",
 )
 
 SIGNATURE = ModelSignature(
@@ -97,6 +98,7 @@ SIGNATURE = ModelSignature(
             ColSpec("double", "score", required=False),
             ColSpec("boolean", "above_threshold", required=False),
             ColSpec("string", "reason", required=False),
+            ColSpec("string", "model"),
         ]
     ),
     params=ParamSchema([ParamSpec("top_k", "long", 1)]),
@@ -224,7 +226,7 @@ def predict_table(
                         "above_threshold": box.above_threshold,
                     }
                 )
-    result = pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))
+    result = pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS)).assign(model=grounder.describe())
     result = result.sort_values(["row", "rank"], na_position="first").reset_index(drop=True)
     return result.astype(object).where(result.notna(), None)  # JSON null, not NaN
 
@@ -238,19 +240,15 @@ class GrounderModel(mlflow.pyfunc.PythonModel):
     slots: threading.BoundedSemaphore
 
     def load_context(self, context: Any) -> None:
-        from grounding.inference.onnx_grounder import OnnxGrounder, is_onnx_export
-        from grounding.io.weights import read_weights
-        from grounding.modeling.device import resolve_device
+        """Load the artifact with :func:`~grounding.inference.loading.load_grounder` (a weights
+        file or an ONNX export; anything else is refused unread) on ``GROUNDING_DEVICE``."""
+        from grounding.inference.loading import load_grounder
 
         self.slots = threading.BoundedSemaphore(concurrency())
         Image.core.set_block_size(IMAGE_BLOCK_BYTES)
         guard_scoring_server()
-        path = Path(context.artifacts["grounder"])
-        if is_onnx_export(path):  # onnxruntime on the CPU: GROUNDING_DEVICE does not apply
-            self.grounder = OnnxGrounder.load(path)
-            return
-        device = resolve_device(os.environ.get(DEVICE_VARIABLE, "auto"), DEVICE_VARIABLE)
-        self.grounder = Grounder.from_weights(*read_weights(path)).to(device)
+        device = os.environ.get(DEVICE_VARIABLE, "auto")
+        self.grounder = load_grounder(context.artifacts["grounder"], device, where=DEVICE_VARIABLE)
 
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None

@@ -1,6 +1,8 @@
 """The grounder's three models as ONNX graphs, for onnxruntime: region features (trunk and
 RoIAlign), the text encoder (transformer and mean pooling) and the head (every phrase with
-every region). Written to files by :mod:`grounding.inference.onnx_grounder`.
+every region). The graphs are traced from the very modules the eager path runs
+(:mod:`grounding.modeling.pooling`, :class:`~grounding.modeling.scoring.GridScorer`): no
+second copy of a computation. Written to files by :mod:`grounding.inference.onnx_grounder`.
 
 The graphs are traced by torch's TorchScript exporter (``dynamo=False``: seconds where the
 dynamo exporter took over half an hour for EfficientNet here, and torchvision registers its
@@ -22,101 +24,54 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
-from torchvision.ops import roi_align
 
 from grounding.modeling.backbones import Backbone
 from grounding.modeling.head import Head
-from grounding.modeling.text import _MAX_TOKENS, TextEncoder
+from grounding.modeling.pooling import PhrasePooling, RegionPooling
+from grounding.modeling.scoring import GridScorer
+from grounding.modeling.text import MAX_TOKENS, TextEncoder
 
 #: ONNX opset of the exported graphs (RoiAlign with ``coordinate_transformation_mode`` needs 16;
 #: torchvision maps ``aligned=True`` to ``half_pixel`` from there).
 OPSET = 17
 
 
-class RegionModel(nn.Module):
-    """``image (1, 3, H, W)``, ``boxes (N, 4)`` in its pixels -> ``features (N, channels)``:
-    the trunk's map average-pooled in each box as
-    :func:`~grounding.modeling.region_features.region_features` pools it."""
-
-    def __init__(self, backbone: Backbone) -> None:
-        super().__init__()
-        self.trunk = backbone.trunk
-        self.stride = backbone.stride
-
-    def forward(self, image: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-        maps = self.trunk(image)
-        rois = torch.cat([torch.zeros_like(boxes[:, :1]), boxes], dim=1)
-        return roi_align(
-            maps,
-            rois,
-            output_size=1,
-            spatial_scale=1 / self.stride,
-            sampling_ratio=0,
-            aligned=True,
-        ).flatten(1)
-
-
-class TextModel(nn.Module):
-    """``input_ids, attention_mask (P, T)`` -> unit-norm mean token states ``(P, dim)``, as
-    :func:`~grounding.modeling.text.encode_phrases` computes them."""
-
-    def __init__(self, encoder: TextEncoder) -> None:
-        super().__init__()
-        self.model = encoder.model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        states = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(states.dtype)
-        mean = (states * mask).sum(1) / mask.sum(1).clamp(min=1)
-        return F.normalize(mean, dim=1)
-
-
-class GridModel(nn.Module):
-    """``regions (N, region_dim)``, ``phrases (P, phrase_dim)`` -> probabilities ``(P, N)``,
-    as :func:`~grounding.modeling.scoring.score_grid` computes them."""
-
-    def __init__(self, head: Head) -> None:
-        super().__init__()
-        self.head = head
-
-    def forward(self, regions: torch.Tensor, phrases: torch.Tensor) -> torch.Tensor:
-        region_embeddings = self.head.embed_regions(regions)
-        phrase_embeddings = self.head.embed_phrases(phrases)
-        n_phrases, n_regions = phrase_embeddings.shape[0], region_embeddings.shape[0]
-        logits = self.head.score(
-            region_embeddings.unsqueeze(0).expand(n_phrases, -1, -1),
-            phrase_embeddings.unsqueeze(1).expand(-1, n_regions, -1),
-        )
-        return torch.sigmoid(logits)
-
-
 def onnx_models(backbone: Backbone, encoder: TextEncoder, head: Head) -> dict[str, bytes]:
-    """The serialised ONNX graphs ``{"regions", "text", "head"}`` (inputs and outputs named as
-    in :mod:`grounding.inference.onnx_grounder`)."""
+    """The serialised ONNX graphs ``{"regions", "text", "head"}`` of the modules the eager path
+    runs: :class:`~grounding.modeling.pooling.RegionPooling` (``image (1, 3, H, W), rois (N,
+    5) -> features (N, channels)``), :class:`~grounding.modeling.pooling.PhrasePooling`
+    (``input_ids, attention_mask (P, T) -> embeddings (P, dim)``) and
+    :class:`~grounding.modeling.scoring.GridScorer` (``regions (N, region_dim), phrases (P,
+    phrase_dim) -> probabilities (P, N)``)."""
     stride = backbone.stride
+    trunk = _with_fixed_padding(backbone).trunk
     ids = torch.tensor([[1, 2, 3, 2], [1, 3, 2, 0]])  # ids every vocabulary has
     mask = (ids != 0).to(torch.int64)
     phrases, tokens = {0: "phrases", 1: "tokens"}, {0: "phrases", 1: "tokens"}
     return {
         "regions": _export(
-            RegionModel(_with_fixed_padding(backbone)),
+            RegionPooling(trunk, stride),
             (
                 torch.zeros(1, 3, 3 * stride, 2 * stride),
-                torch.tensor([[0.0, 0.0, 2.0 * stride, 3.0 * stride], [1.0, 2.0, 9.0, 7.0]]),
+                torch.tensor(
+                    [[0.0, 0.0, 0.0, 2.0 * stride, 3.0 * stride], [0.0, 1.0, 2.0, 9.0, 7.0]]
+                ),
             ),
-            {"image": {2: "height", 3: "width"}, "boxes": {0: "boxes"}},
+            {"image": {2: "height", 3: "width"}, "rois": {0: "boxes"}},
             {"features": {0: "boxes"}},
         ),
         "text": _export(
-            TextModel(encoder),
+            PhrasePooling(encoder.model),
             (ids, mask),
             {"input_ids": phrases, "attention_mask": tokens},
             {"embeddings": {0: "phrases"}},
         ),
         "head": _export(
-            GridModel(head),
-            (torch.zeros(3, head.config.region_dim), torch.zeros(2, head.config.phrase_dim)),
+            GridScorer(head),
+            (
+                torch.zeros(3, head.config.region_dim),
+                torch.zeros(2, head.config.phrase_dim),
+            ),
             {"regions": {0: "boxes"}, "phrases": {0: "phrases"}},
             {"probabilities": {0: "phrases", 1: "boxes"}},
         ),
@@ -215,5 +170,5 @@ def export_settings(backbone: Backbone, encoder: TextEncoder) -> dict[str, Any]:
             "mean": [float(v) for v in backbone.mean],
             "std": [float(v) for v in backbone.std],
         },
-        "text_encoder": {"dim": int(encoder.dim), "max_tokens": _MAX_TOKENS},
+        "text_encoder": {"dim": int(encoder.dim), "max_tokens": MAX_TOKENS},
     }

@@ -89,11 +89,12 @@ def _chunk_features(
     """The features of prepared images (``(3, H', W')`` inputs and their boxes ``(N_i, 4)``
     in resized pixels), the images of one shape in one batch of the trunk."""
     import torch
-    from torchvision.ops import roi_align
 
     from grounding.modeling.device import autocast, module_device
+    from grounding.modeling.pooling import RegionPooling, rois
 
     device = module_device(backbone.trunk)
+    pooling = RegionPooling(backbone.trunk, backbone.stride)
     same_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
     for index, (tensor, _) in enumerate(chunk):
         same_shape[tuple(tensor.shape)].append(index)
@@ -104,16 +105,10 @@ def _chunk_features(
             if device.type == "cuda":  # pinned: the copy to the GPU overlaps the next batch
                 batch = batch.pin_memory()
             batch = batch.to(device, non_blocking=True)
-            maps = backbone.trunk(batch.contiguous(memory_format=torch.channels_last))
-            pooled = roi_align(  # float32 under autocast (torchvision casts its inputs)
-                maps,
-                [chunk[i][1].to(device) for i in indices],
-                output_size=1,
-                spatial_scale=1 / backbone.stride,
-                # adaptive: about one sample per feature-map cell the box covers
-                sampling_ratio=0,
-                aligned=True,
-            ).flatten(1)
+            pooled = pooling(
+                batch.contiguous(memory_format=torch.channels_last),
+                rois([chunk[i][1] for i in indices]).to(device),
+            )
             counts = [len(chunk[i][1]) for i in indices]
             for i, rows in zip(indices, pooled.float().cpu().split(counts), strict=True):
                 features[i] = rows.numpy().astype(np.float32, copy=True)

@@ -2,7 +2,8 @@
 features it expects.
 
 :func:`pair_logits` embeds each distinct region and phrase once and scores the pairs of them;
-training, the threshold sweep, the report and the grounder all score through it.
+training, the threshold sweep, the report and the grounder (:class:`GridScorer`, also what the
+ONNX export runs) all score through it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from torch import nn
 
 from grounding.errors import DataError
 from grounding.modeling.device import module_device
@@ -39,23 +41,36 @@ def pair_logits(
     )
 
 
+class GridScorer(nn.Module):
+    """``regions (N, region_dim)``, ``phrases (P, phrase_dim)`` -> match probabilities ``(P,
+    N)`` of every phrase with every region: :func:`pair_logits` of the whole grid (what the
+    grounder runs, eager and as ONNX)."""
+
+    def __init__(self, head: Head) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, regions: torch.Tensor, phrases: torch.Tensor) -> torch.Tensor:
+        n_phrases, n_regions = phrases.shape[0], regions.shape[0]
+        grid = (n_phrases, n_regions)
+        region_index = torch.arange(n_regions, device=regions.device)[None, :].expand(grid)
+        phrase_index = torch.arange(n_phrases, device=phrases.device)[:, None].expand(grid)
+        logits = pair_logits(
+            self.head, regions, phrases, region_index.reshape(-1), phrase_index.reshape(-1)
+        )
+        return torch.sigmoid(logits).reshape(grid)
+
+
 @torch.inference_mode()
 def score_grid(head: Head, regions: np.ndarray, phrases: np.ndarray) -> np.ndarray:
     """Match probabilities ``(P, N)`` of every phrase ``(P, phrase_dim)`` with every region
-    ``(N, region_dim)``."""
+    ``(N, region_dim)`` (:class:`GridScorer`, where the head's weights are)."""
     head.eval()
     device = module_device(head)
-    n_phrases, n_regions = len(phrases), len(regions)
-    region_index = torch.arange(n_regions, device=device).repeat(n_phrases)
-    phrase_index = torch.arange(n_phrases, device=device).repeat_interleave(n_regions)
-    logits = pair_logits(
-        head,
-        torch.from_numpy(regions).to(device),
-        torch.from_numpy(phrases).to(device),
-        region_index,
-        phrase_index,
+    probabilities = GridScorer(head)(
+        torch.from_numpy(regions).to(device), torch.from_numpy(phrases).to(device)
     )
-    return torch.sigmoid(logits).reshape(n_phrases, n_regions).cpu().numpy()
+    return probabilities.cpu().numpy()
 
 
 @dataclass(frozen=True)

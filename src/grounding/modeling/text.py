@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 # Phrases are a few words; all-MiniLM-L6-v2 was trained on at most 256 word pieces.
-_MAX_TOKENS = 128
+MAX_TOKENS = 128
 
 
 def _all_minilm_l6_v2() -> Path:
@@ -82,12 +82,13 @@ def encode_phrases(
 
     Each distinct text is encoded once (identical texts get identical rows), in batches of
     texts of similar length (less padding). The encoder runs where its weights are, in mixed
-    precision on a GPU (:func:`grounding.modeling.device.autocast`); the pooling in float32.
+    precision on a GPU (:func:`grounding.modeling.device.autocast`); the pooling
+    (:class:`~grounding.modeling.pooling.PhrasePooling`) in float32.
     """
     import torch
-    from torch.nn import functional as F
 
     from grounding.modeling.device import autocast, module_device
+    from grounding.modeling.pooling import PhrasePooling
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -95,6 +96,7 @@ def encode_phrases(
     order = np.argsort([len(text) for text in unique], kind="stable")
     embeddings = np.zeros((len(unique), encoder.dim), dtype=np.float32)
     device = module_device(encoder.model)
+    pooling = PhrasePooling(encoder.model)
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
@@ -102,15 +104,14 @@ def encode_phrases(
                 [str(unique[i]) for i in rows],
                 padding=True,
                 truncation=True,
-                max_length=_MAX_TOKENS,
+                max_length=MAX_TOKENS,
                 return_tensors="pt",
             )
-            tokens = {name: values.to(device) for name, values in tokens.items()}
             with autocast(device):
-                states = encoder.model(**tokens).last_hidden_state.float()
-            mask = tokens["attention_mask"].unsqueeze(-1).to(states.dtype)
-            mean = (states * mask).sum(1) / mask.sum(1).clamp(min=1)
-            embeddings[rows] = F.normalize(mean, dim=1).cpu().numpy()
+                pooled = pooling(
+                    tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
+                )
+            embeddings[rows] = pooled.float().cpu().numpy()
     return embeddings[inverse.reshape(-1)]
 
 
