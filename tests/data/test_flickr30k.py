@@ -501,6 +501,15 @@ def test_zip_with_a_top_folder_is_read(tmp_path: Path) -> None:
     ]
 
 
+def test_an_annotation_file_that_is_not_a_regular_file_is_named_unread(tmp_path: Path) -> None:
+    root = write_dataset(tmp_path / "f", layout="folders")
+    xml = sorted((root / "Annotations").iterdir())[0]
+    xml.unlink()
+    xml.symlink_to("/dev/zero")  # read whole, it would never end
+    with pytest.raises(DataError, match=rf"^{xml}: not a regular file$"):
+        list(AnnotationArchive(find_annotations(root)))
+
+
 def test_xml_without_sentences_in_folders_is_named(tmp_path: Path) -> None:
     root = write_dataset(tmp_path, layout="folders")
     (root / "Sentences" / "300.txt").unlink()

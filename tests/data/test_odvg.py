@@ -246,6 +246,9 @@ def test_each_file_is_its_split_and_a_missing_file_is_named(tmp_path: Path) -> N
         OdvgReader({"val": tmp_path / "nope.jsonl"})
     opened = OdvgReader.open(tmp_path, files={"train": Path("a.jsonl")})
     assert [r.image_id for r in opened] == ["1"]
+    (tmp_path / "dev.jsonl").symlink_to("/dev/zero")
+    with pytest.raises(DataError, match=r"dev.jsonl: not a regular file \(the test split"):
+        OdvgReader({"test": tmp_path / "dev.jsonl"})
 
 
 # --- bad lines ------------------------------------------------------------------------------

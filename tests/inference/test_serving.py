@@ -312,7 +312,9 @@ def test_at_most_grounding_concurrency_requests_are_grounded_at_once(
     assert most[0] == 2
 
 
-@pytest.mark.parametrize("value", ["0", "-1", "two", ""])
+@pytest.mark.parametrize(
+    "value", ["0", "-1", "two", "", "\u00b2", "9" * 5000], ids=lambda v: repr(v[:6])
+)
 def test_grounding_concurrency_must_be_a_whole_number_of_at_least_one(value: str) -> None:
     with pytest.raises(ConfigError, match=f"^{CONCURRENCY_VARIABLE}=.*: must be a whole number"):
         concurrency({CONCURRENCY_VARIABLE: value})

@@ -277,3 +277,22 @@ def test_image_folder_reads_an_image_by_id_through_its_file_name(tmp_path: Path)
     # an image of the table whose file is gone: named by its path
     with pytest.raises(DataError, match=rf"^{tmp_path}/a\.jpg: image file missing"):
         folder("1")
+
+
+def test_a_huge_png_decoded_for_a_model_holds_one_full_size_copy_at_most(tmp_path: Path) -> None:
+    # 7700x7700 (59.3 Mpx, under the cap) in a 0.2 MB file: decoded whole it is 237 MB (4 bytes
+    # a pixel); an EXIF copy and an RGB copy beside it made each request hold three times that
+    path = tmp_path / "huge.png"
+    Image.new("RGB", (7700, 7700), (120, 160, 200)).save(path)
+    program = (
+        "import resource; from pathlib import Path; from grounding import io; "
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+        f"image = io.read_image(Path({str(path)!r}), max_side=448); "
+        "grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before; "
+        "print(image.size, image.info['full_size'], grown // 1024)"
+    )
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    *shown, grown_mb = done.stdout.split()
+    assert " ".join(shown) == "(453, 453) (7700, 7700)"  # reduced by 17, full size kept
+    assert int(grown_mb) < 400  # one 237 MB copy, not three

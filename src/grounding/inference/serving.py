@@ -191,9 +191,13 @@ def concurrency(environ: dict[str, str] | os._Environ[str] = os.environ) -> int:
     """How many requests are grounded at once: ``GROUNDING_CONCURRENCY``, a whole number >= 1
     (default :data:`DEFAULT_CONCURRENCY`); :class:`ConfigError` naming the variable otherwise."""
     text = environ.get(CONCURRENCY_VARIABLE, str(DEFAULT_CONCURRENCY))
-    if not text.strip().isdigit() or int(text) < 1:
+    try:
+        value = int(text) if len(text) < 20 else 0
+    except ValueError:
+        value = 0
+    if value < 1:
         raise ConfigError(f"{CONCURRENCY_VARIABLE}={text[:40]!r}: must be a whole number >= 1")
-    return int(text)
+    return value
 
 
 def predict_table(

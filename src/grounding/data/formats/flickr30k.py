@@ -459,7 +459,10 @@ class AnnotationArchive:
     def _read(self, name: str) -> bytes:
         if self._zip is not None:
             return self._zip.read(name)
-        return (self.location / name).read_bytes()
+        path = self.location / name
+        if not path.is_file():  # a device or FIFO (also behind a symlink) would never end
+            raise DataError(f"{self._source(name)}: not a regular file")
+        return path.read_bytes()
 
     def _source(self, name: str) -> str:
         return f"{self.location}/{name}" if self._zip is None else f"{self.location}!{name}"

@@ -184,6 +184,11 @@ class SplitFilesReader:
         for split, path in files.items():
             if split not in SPLITS:
                 raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+            if path.exists() and not path.is_file():  # a folder, a device, a FIFO
+                raise DataError(
+                    f"{path}: not a regular file (the {split} split of an {self.format_name} "
+                    "dataset)"
+                )
             if not path.is_file():
                 raise DataError(
                     f"{path}: no such file (the {split} split of an {self.format_name} dataset)"
