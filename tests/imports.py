@@ -28,7 +28,8 @@ def imported_modules(path: Path) -> set[str]:
     """The modules a file imports (``from a.b import c`` gives ``a.b`` and ``a.b.c``, since
     ``c`` may be a submodule), with every parent package of each (importing runs them)."""
     names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in (node for top in tree.body if runs(top) for node in ast.walk(top)):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -39,6 +40,18 @@ def imported_modules(path: Path) -> set[str]:
         parts = name.split(".")
         with_parents.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
     return with_parents
+
+
+def runs(statement: ast.stmt) -> bool:
+    """Whether a module's top-level statement can run an import when the module is imported or
+    used: not an ``if TYPE_CHECKING:`` block (only type checkers read it) and not a module's
+    ``__getattr__`` (``grounding.load_grounder``: a lazy attribute, whose import runs only for
+    code that asks for that name; no stage does)."""
+    if isinstance(statement, ast.If):
+        test = statement.test
+        name = test.attr if isinstance(test, ast.Attribute) else getattr(test, "id", None)
+        return name != "TYPE_CHECKING"
+    return not (isinstance(statement, ast.FunctionDef) and statement.name == "__getattr__")
 
 
 def reached_files(script: Path) -> set[Path]:

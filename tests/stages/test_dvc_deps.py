@@ -79,3 +79,17 @@ def test_the_walk_follows_imports_inside_functions(tmp_path: Path) -> None:
     assert "grounding/evaluation/report.py" in reached
     assert "grounding/evaluation/metrics.py" in reached  # imported by report.py
     assert "grounding/evaluation/__init__.py" in reached
+
+
+def test_the_walk_skips_type_checking_blocks_and_lazy_attributes(tmp_path: Path) -> None:
+    module = tmp_path / "module.py"
+    module.write_text(
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n    from grounding.evaluation.report import evaluate\n"
+        "def __getattr__(name):\n    from grounding.inference.loading import load_grounder\n"
+        "def main():\n    from grounding.evaluation.metrics import recall_at_k\n"
+    )
+    reached = {str(f.relative_to(SOURCE)) for f in reached_files(module)}
+    assert "grounding/evaluation/metrics.py" in reached
+    assert "grounding/evaluation/report.py" not in reached
+    assert "grounding/inference/loading.py" not in reached
