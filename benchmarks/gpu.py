@@ -19,7 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from benchmarks.scratch_repo import run, scratch_repo
+from tests.repository import run, scratch_repo
 
 #: The most the test Recall@1 of CUDA and the CPU may differ (mixed precision, other kernels).
 TOLERANCE = 0.005

@@ -32,7 +32,7 @@ from pathlib import Path
 import yaml
 
 from benchmarks import REPO, SHARED_DATA
-from benchmarks.scratch_repo import commit, run, scratch_env, scratch_repo
+from tests.repository import commit, run, scratch_env, scratch_repo
 
 TARGET = REPO / "src" / "grounding" / "pretrained" / "flickr30k.safetensors"
 #: The params that differ from params.yaml: section -> {name: value}.

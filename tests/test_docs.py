@@ -12,8 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from benchmarks import REPO
+from repository import REPO
 
 #: ``<!-- include: reports/X.md[#N] (python -m benchmarks.Y ...) -->`` ... ``<!-- end include -->``
 #: (each marker on a line of its own)

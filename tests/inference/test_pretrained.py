@@ -12,8 +12,8 @@ import zipfile
 
 import numpy as np
 import pytest
+from repository import SHARED_DATA
 
-from benchmarks import SHARED_DATA
 from grounding import io
 from grounding.boxes import box_iou
 from grounding.data.formats.flickr30k import AnnotationFiles, parse_files
