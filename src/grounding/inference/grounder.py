@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 #: The smallest image side accepted (the backbone's stride is 32 pixels).
 MIN_IMAGE_SIDE = 32
 
-#: The grounder that ships inside the package, trained by ``python -m benchmarks.pretrained`` on
+#: The grounder that ships inside the package, trained by ``python -m release.pretrained`` on
 #: the real Flickr30k Entities images (Flickr30k's non-commercial research terms apply).
 PRETRAINED = "flickr30k"
 
