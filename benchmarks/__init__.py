@@ -1,8 +1,7 @@
-"""Benchmarks that anyone can rerun, and the locations they and the tests share."""
+"""Benchmarks that anyone can rerun: speed, scale and quality figures behind the docs' tables.
 
-from pathlib import Path
+The locations they share with the tests are the tests' (:mod:`tests.repository`)."""
 
-#: The repository's root.
-REPO = Path(__file__).resolve().parents[1]
-#: The real Flickr30k Entities annotations and images beside the project (never committed).
-SHARED_DATA = REPO.parent / "shared" / "flickr30k_entities"
+from tests.repository import REPO, SHARED_DATA
+
+__all__ = ["REPO", "SHARED_DATA"]

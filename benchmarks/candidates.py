@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from benchmarks import REPO, SHARED_DATA
-from benchmarks.scratch_repo import commit, run, scratch_repo
+from tests.repository import commit, run, scratch_repo
 
 REAL_ROOT = SHARED_DATA
 COLUMNS = (

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from benchmarks import REPO, SHARED_DATA
-from benchmarks.scratch_repo import commit, run, scratch_repo
+from tests.repository import commit, run, scratch_repo
 
 FORMATS = ("odvg", "mdetr")
 COUNTS = ("images", "captions", "phrases", "phrases_with_box", "boxes", "chains")

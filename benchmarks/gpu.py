@@ -1,13 +1,14 @@
-"""Check that a GPU gives the CPU's results, and how fast it is: features, train and test
-scoring on the shipped sample, once on the CPU and once on CUDA.
+"""How fast a GPU is against the CPU: features, train and test scoring on the shipped sample,
+once on the CPU and once on CUDA.
 
     python -m benchmarks.gpu              # exits 0 with a notice on a machine without a GPU
 
 The data stages (parse, pair, split: no model) run once, with ``dvc repro split`` in a
 temporary copy of the repository; then, per device, the features of every candidate and
 phrase (images/s), the head's training on the train pairs (pairs/s: training pairs times
-epochs per second) and Recall@1 of the test phrases, with the pipeline's params. Passes
-(exit 0) when the two Recall@1 agree within :data:`TOLERANCE`; exit 1 otherwise.
+epochs per second) and Recall@1 of the test phrases, with the pipeline's params, and their
+difference. Whether the two Recall@1 agree is a test, not this benchmark's verdict:
+``tests/stages/test_gpu_pipeline.py`` (marked ``gpu``; it runs where torch sees a GPU).
 """
 
 from __future__ import annotations
@@ -19,10 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from benchmarks.scratch_repo import run, scratch_repo
-
-#: The most the test Recall@1 of CUDA and the CPU may differ (mixed precision, other kernels).
-TOLERANCE = 0.005
+from tests.repository import run, scratch_repo
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -111,37 +109,32 @@ def run_on(device_spec: str, work: Path, epochs: int | None) -> dict[str, Any]:
 SPLITS = ("train", "val", "test")
 
 
-def compare(cpu: dict[str, Any], cuda: dict[str, Any]) -> tuple[bool, str]:
-    """Whether the two runs' test Recall@1 agree within :data:`TOLERANCE`, and the lines to
-    print."""
+def compare(cpu: dict[str, Any], cuda: dict[str, Any]) -> str:
+    """The lines to print: each run's figures and the difference of their test Recall@1."""
     difference = abs(cpu["test_recall_at_1"] - cuda["test_recall_at_1"])
     lines = [
         f"{run['device']:8} features {run['images_per_s']:8.1f} images/s   train "
         f"{run['pairs_per_s']:10.0f} pairs/s   test Recall@1 {run['test_recall_at_1']:.4f}"
         for run in (cpu, cuda)
     ]
-    passed = difference <= TOLERANCE
-    verdict = "agree" if passed else "DIFFER"
-    lines.append(f"Recall@1 {verdict}: |difference| {difference:.4f} (tolerance {TOLERANCE})")
-    return passed, "\n".join(lines)
+    lines.append(f"test Recall@1 |difference| {difference:.4f}")
+    return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     notice = no_gpu_notice()
     if notice is not None:
         print(notice)
-        return 0
+        return
     with tempfile.TemporaryDirectory(prefix="grounding-gpu-") as folder:
         work = Path(folder)
         env = scratch_repo(work)
         run(["dvc", "repro", "split"], work, env)
         cpu = run_on("cpu", work, args.epochs)
         cuda = run_on(args.cuda, work, args.epochs)
-    passed, text = compare(cpu, cuda)
-    print(text)
-    return 0 if passed else 1
+    print(compare(cpu, cuda))
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()

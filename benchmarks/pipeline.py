@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from benchmarks import REPO, SHARED_DATA
-from benchmarks.scratch_repo import commit, run, scratch_repo
+from tests.repository import commit, run, scratch_repo
 
 REAL_IMAGES = SHARED_DATA / "images"
 

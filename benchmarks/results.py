@@ -6,7 +6,7 @@ Runs nothing: reads the JSON reports that other benchmarks wrote and writes
 - The headline table: each candidate setting on the shipped sample and on the real images
   (``reports/candidates-sample.json``, ``reports/candidates-real.json``, written by
   ``python -m benchmarks.candidates [--real]``), and the packaged grounder
-  (``reports/pretrained-flickr30k.json``, ``python -m benchmarks.pretrained``).
+  (``reports/pretrained-flickr30k.json``, ``python -m release.pretrained``).
 - The annotated-candidates quality levers (``reports/quality-annotated-real.json``).
 
     python -m benchmarks.results
@@ -116,7 +116,7 @@ def markdown(reports: dict[str, dict[str, Any]]) -> str:
         "",
         "From `reports/candidates-sample.json`, `reports/candidates-real.json`",
         "(`python -m benchmarks.candidates [--real]`) and `reports/pretrained-flickr30k.json`",
-        "(`python -m benchmarks.pretrained`).",
+        "(`python -m release.pretrained`).",
         "",
         *headline_table(
             reports["candidates-sample"],

@@ -30,9 +30,9 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from repository import REPO as REPO_ROOT
+from repository import SHARED_DATA
 
-from benchmarks import REPO as REPO_ROOT
-from benchmarks import SHARED_DATA
 from grounding.data.formats.flickr30k import AnnotationFiles, Flickr30kReader, SplitList
 from grounding.data.tables import ParsedDataset, build_tables
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from benchmarks import REPO
+from repository import REPO
 
 SOURCE = REPO / "src"
 PACKAGE = "grounding"

@@ -225,7 +225,7 @@ def test_without_any_grounder_predict_says_how_to_get_one(
 def test_the_packaged_grounder_is_package_data() -> None:
     path = grounder_module.pretrained_path()
     assert path.parts[-3:] == ("grounding", "pretrained", "flickr30k.safetensors")
-    assert path.is_file(), "build it with `python -m benchmarks.pretrained`"
+    assert path.is_file(), "build it with `python -m release.pretrained`"
 
 
 def test_predict_on_the_cpu_is_the_default_on_a_machine_without_a_gpu(

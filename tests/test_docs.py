@@ -12,10 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from benchmarks import REPO
+from repository import REPO
 
 #: ``<!-- include: reports/X.md[#N] (python -m benchmarks.Y ...) -->`` ... ``<!-- end include -->``
+#: (``release.Y`` for a release build)
 #: (each marker on a line of its own)
 INCLUDE = re.compile(
     r"^<!-- include: (?P<path>\S+?)(?:#(?P<table>\d+))? \((?P<command>[^)]+)\) -->\n"
@@ -53,9 +53,10 @@ def includes(text: str) -> list[re.Match[str]]:
 
 
 def benchmark_exists(command: str) -> bool:
-    """Whether ``command`` is ``python -m benchmarks.NAME ...`` of a module in benchmarks/."""
-    match = re.fullmatch(r"python -m benchmarks\.(\w+)( .*)?", command)
-    return bool(match) and (REPO / "benchmarks" / f"{match.group(1)}.py").is_file()
+    """Whether ``command`` is ``python -m FOLDER.NAME ...`` of a module in benchmarks/ or
+    release/ (the commands that write reports)."""
+    match = re.fullmatch(r"python -m (benchmarks|release)\.(\w+)( .*)?", command)
+    return bool(match) and (REPO / match.group(1) / f"{match.group(2)}.py").is_file()
 
 
 def test_the_table_parser_splits_tables() -> None:
@@ -71,6 +72,8 @@ def test_an_include_without_an_end_is_an_error() -> None:
 def test_the_command_check_needs_an_existing_benchmark() -> None:
     assert benchmark_exists("python -m benchmarks.results")
     assert benchmark_exists("python -m benchmarks.candidates --real")
+    assert benchmark_exists("python -m release.pretrained")
+    assert not benchmark_exists("python -m release.no_such_build")
     assert not benchmark_exists("python -m benchmarks.no_such_benchmark")
     assert not benchmark_exists("make results")
 

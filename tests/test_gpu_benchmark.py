@@ -1,5 +1,6 @@
-"""benchmarks/gpu.py: a machine without a GPU gets a notice and exit 0; the verdict compares
-Recall@1 within the tolerance."""
+"""benchmarks/gpu.py: a machine without a GPU gets a notice and exit 0; the figures of both
+devices and their Recall@1 difference are printed (the agreement itself is
+tests/stages/test_gpu_pipeline.py)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def test_without_a_gpu_it_says_so_and_exits_0(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert gpu.main([]) == 0
+    gpu.main([])
     out = capsys.readouterr().out
     assert out.startswith("no GPU on this machine (torch ")
     assert out.count("\n") == 1
@@ -42,9 +43,9 @@ def test_the_module_exits_0_on_this_machine() -> None:
     assert "nothing to compare" in done.stdout
 
 
-@pytest.mark.parametrize(("cuda_recall", "passed"), [(0.6046, True), (0.5940, False)])
-def test_recall_at_1_must_agree_within_the_tolerance(cuda_recall: float, passed: bool) -> None:
-    verdict, text = gpu.compare(run_figures("cpu", 0.6000), run_figures("cuda:0", cuda_recall))
-    assert verdict is passed
-    assert ("agree" if passed else "DIFFER") in text.splitlines()[-1]
-    assert "images/s" in text and "pairs/s" in text
+def test_the_figures_of_both_devices_and_their_difference_are_printed() -> None:
+    text = gpu.compare(run_figures("cpu", 0.6000), run_figures("cuda:0", 0.5940))
+    cpu, cuda, difference = text.splitlines()
+    assert cpu.startswith("cpu ") and cuda.startswith("cuda:0 ")
+    assert "images/s" in cpu and "pairs/s" in cuda
+    assert difference == "test Recall@1 |difference| 0.0060"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from benchmarks import REPO
+from repository import REPO
 
 MARKER = "<!-- layout: checked against src/grounding by tests/test_readme.py -->"
 

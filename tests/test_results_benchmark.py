@@ -8,8 +8,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from repository import REPO
 
-from benchmarks import REPO, results
+from benchmarks import results
 
 
 def candidates(recall_at_1: float, phrases: int) -> dict:

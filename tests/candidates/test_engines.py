@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from repository import REPO
 from stand_ins import SETTINGS, two_shapes
 
-from benchmarks import REPO
 from grounding.candidates import SELECTIVE_SEARCH, candidate_regions
 from grounding.candidates.engines import local_proposals, proposal_engine, ray_proposals
 from grounding.config import PairRayParams

@@ -1,7 +1,7 @@
 """The packaged grounder on a real photo: its boxes land on the annotated objects.
 
 The image is a held-out test image of the split the packaged grounder was built on
-(``python -m benchmarks.pretrained``): the model never trained on it. It is one where the
+(``python -m release.pretrained``): the model never trained on it. It is one where the
 grounder finds most phrases, chosen when the weights were built; this test guards that the
 shipped weights, the packaged backbone and encoder and the proposals still give those boxes.
 """
@@ -12,8 +12,8 @@ import zipfile
 
 import numpy as np
 import pytest
+from repository import SHARED_DATA
 
-from benchmarks import SHARED_DATA
 from grounding import io
 from grounding.boxes import box_iou
 from grounding.data.formats.flickr30k import AnnotationFiles, parse_files

@@ -15,9 +15,9 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from repository import REPO
 from stand_ins import pooling_backbone
 
-from benchmarks import REPO
 from grounding.config import FeaturesRayParams
 from grounding.errors import ConfigError
 from grounding.io import ImageFolder

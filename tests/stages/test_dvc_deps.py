@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 from imports import SOURCE, reached_files
-
-from benchmarks import REPO
+from repository import REPO
 
 
 def stages() -> dict[str, dict]:

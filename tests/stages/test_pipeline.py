@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from repository import commit, run, scratch_repo
 
-from benchmarks.scratch_repo import commit, run, scratch_repo
 from grounding.inference.serving import encode_image
 from grounding.io import read_weights
 

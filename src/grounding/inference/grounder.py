@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 #: The most boxes a phrase may ask for (``top_k``); a grounder proposes far fewer candidates.
 MAX_TOP_K = 1000
 
-#: The grounder that ships inside the package, trained by ``python -m benchmarks.pretrained`` on
+#: The grounder that ships inside the package, trained by ``python -m release.pretrained`` on
 #: the real Flickr30k Entities images (Flickr30k's non-commercial research terms apply).
 PRETRAINED = "flickr30k"
 

@@ -1,6 +1,9 @@
-"""A throw-away copy of the project as a fresh git + DVC repository, for the end-to-end test
-and the pipeline benchmark: what a user has after cloning (the committed ``dvc.lock``
-included), without touching this checkout."""
+"""The repository under test: its root, the real data beside it, and throw-away copies of it.
+
+A scratch copy is the project as a fresh git + DVC repository, for the end-to-end tests and the
+benchmarks that run the pipeline: what a user has after cloning (the committed ``dvc.lock``
+included), without touching this checkout. Tests import this module as ``repository`` (pytest
+puts ``tests/`` on the path), benchmarks as ``tests.repository``."""
 
 from __future__ import annotations
 
@@ -10,7 +13,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+#: The repository's root.
 REPO = Path(__file__).resolve().parents[1]
+#: The real Flickr30k Entities annotations and images beside the project (never committed).
+SHARED_DATA = REPO.parent / "shared" / "flickr30k_entities"
 COPIED = (
     "dvc.yaml",
     "dvc.lock",
