@@ -1,7 +1,7 @@
 """The ``grounding`` command: tools around the pipeline (the stages themselves run from dvc.yaml).
 
 ``grounding sample --out data/sample`` regenerates the shipped synthetic sample, byte for byte.
-``grounding predict IMAGE --phrase "a man" --phrase "a red shirt"`` grounds phrases in an image.
+``grounding predict IMAGE... --phrase "a man" --phrase "a red shirt"`` grounds phrases in images.
 ``grounding convert --from flickr30k --to odvg data/sample out`` converts a dataset's annotations.
 ``grounding export --format onnx --out models/grounder-onnx`` exports a grounder for onnxruntime.
 """
@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 
 #: What ``dvc repro`` writes and ``grounding predict`` loads by default.
 TRAINED_GROUNDER = Path("models/grounder.safetensors")
+#: The JSON Lines file of ``grounding predict --out-dir``: one record per grounded image.
+PREDICTIONS_FILE = "predictions.jsonl"
 
 
 def _sample(args: argparse.Namespace) -> None:
@@ -43,6 +45,7 @@ def _sample(args: argparse.Namespace) -> None:
 
 def _predict(args: argparse.Namespace) -> None:
     from grounding.config import check_device_spec
+    from grounding.inference.batch import check_threshold
     from grounding.inference.grounder import check_phrases, phrases_from_caption
 
     phrases = list(args.phrase)
@@ -51,13 +54,44 @@ def _predict(args: argparse.Namespace) -> None:
     if args.phrases_file:
         phrases += _read_phrases(args.phrases_file)
     phrases = check_phrases(phrases)
-    if args.out and args.out.suffix.lstrip(".").lower() not in io.FIGURE_FORMATS:
-        raise DataError(f"--out {args.out}: the picture must be one of {io.FIGURE_FORMATS}")
+    if args.threshold is not None:
+        check_threshold(args.threshold)
+    sources = [*args.images, *(f"@{path}" for path in args.list)]
+    if not sources:
+        raise DataError("no image given: name image files, folders, globs or @list.txt")
+    if args.out and args.out.suffix.lstrip(".").lower() not in io.PICTURE_FORMATS:
+        raise DataError(f"--out {args.out}: the picture must be one of {io.PICTURE_FORMATS}")
     if args.out:  # before grounding: a bad output place fails fast
         io.check_writable_file(args.out, "--out")
     if not args.no_cache:
         io.check_writable_folder(args.cache, "--cache")
-    image = io.read_image(args.image)  # before the model: a bad image fails fast
+    if args.out_dir is None and len(sources) == 1 and _one_file(sources[0]):
+        _predict_one(args, Path(sources[0]), phrases)
+        return
+    if args.out:
+        raise DataError("--out names the picture of one image; with several, pass --out-dir")
+    paths = io.find_images(sources)  # before the model: a source naming nothing fails fast
+    if args.out_dir:
+        io.check_writable_folder(args.out_dir, "--out-dir")
+    check_device_spec(args.device, "--device")
+    _predict_many(args, paths, phrases)
+
+
+def _one_file(source: str) -> bool:
+    """Whether ``source`` names one image file (today's single-image predict), not a folder,
+    a glob or a list."""
+    path = Path(source)
+    if source.startswith("@") or path.is_dir():
+        return False
+    return path.exists() or not set("*?[") & set(source)
+
+
+def _predict_one(args: argparse.Namespace, path: Path, phrases: list[str]) -> None:
+    """One image: its groundings as indented JSON on stdout, the picture in ``--out``."""
+    from grounding.config import check_device_spec
+    from grounding.inference.batch import with_threshold
+
+    image = io.read_image(path)  # before the model: a bad image fails fast
     check_device_spec(args.device, "--device")  # before the model: a bad name fails fast
     started = time.perf_counter()
     grounder, out_of_memory_hint = _placed(
@@ -67,21 +101,77 @@ def _predict(args: argparse.Namespace) -> None:
     proposals = grounder.proposer(None if args.no_cache else io.ProposalCache(args.cache))
     with out_of_memory_hint:
         found = grounder.ground(image, phrases, top_k=args.top_k, proposals=proposals)
+    threshold = grounder.threshold if args.threshold is None else args.threshold
+    found = with_threshold(found, threshold)
     done = time.perf_counter()
     result = {
-        "image": str(args.image),
+        "image": str(path),
         "size": list(image.size),
-        "threshold": grounder.threshold,
+        "threshold": threshold,
         "phrases": [grounding.to_dict() for grounding in found],
         "seconds": {"load_model": round(loaded - started, 3), "ground": round(done - loaded, 3)},
     }
     if args.out:
         from grounding.inference.drawing import groundings
 
-        io.write_figure(groundings(image, found), args.out)
+        io.write_picture(groundings(image, found), args.out)
         result["out"] = str(args.out)
     json.dump(result, sys.stdout, indent=2)
     print()
+
+
+def _predict_many(args: argparse.Namespace, paths: list[Path], phrases: list[str]) -> None:
+    """Several images through one loaded grounder: a JSON Lines record per image to stdout, or
+    to ``--out-dir``/predictions.jsonl with each image's picture beside it; a progress bar,
+    each skipped image and the counts on stderr. Fails only when no image was grounded."""
+    from tqdm import tqdm
+
+    from grounding.inference.batch import ImageGrounding, ground_images, picture_names
+
+    model = _model_or_pretrained(args.model)
+    grounder, out_of_memory_hint = _placed(load_grounder(model), args.device)
+    proposals = grounder.proposer(None if args.no_cache else io.ProposalCache(args.cache))
+    names = picture_names(paths)
+    results = ground_images(
+        grounder,
+        paths,
+        phrases,
+        read=io.read_image,
+        top_k=args.top_k,
+        threshold=args.threshold,
+        proposals=proposals,
+    )
+    grounded, skipped = 0, 0
+    with contextlib.ExitStack() as stack:
+        if args.out_dir:
+            records_path = args.out_dir / PREDICTIONS_FILE
+            args.out_dir.mkdir(parents=True, exist_ok=True)
+            # line by line, flushed: a long batch that is stopped keeps what it has done
+            records = stack.enter_context(records_path.open("w", encoding="utf-8"))
+        else:
+            records = sys.stdout
+        bar = stack.enter_context(tqdm(total=len(paths), unit="image", file=sys.stderr))
+        stack.enter_context(out_of_memory_hint)
+        for result in results:
+            bar.update()
+            if not isinstance(result, ImageGrounding):
+                skipped += 1
+                bar.write(f"skipped: {result.error}", file=sys.stderr)
+                continue
+            grounded += 1
+            record = result.record(model)
+            if args.out_dir:
+                from grounding.inference.drawing import groundings
+
+                picture = args.out_dir / names[result.path]
+                io.write_picture(groundings(result.image, result.groundings), picture)
+                record["picture"] = str(picture)
+            records.write(json.dumps(record, ensure_ascii=False) + "\n")
+            records.flush()
+    where = f"; records in {args.out_dir / PREDICTIONS_FILE}" if args.out_dir else ""
+    print(f"grounded {grounded} of {len(paths)} images, skipped {skipped}{where}", file=sys.stderr)
+    if not grounded:
+        raise DataError(f"no image could be grounded ({skipped} skipped)")
 
 
 def _placed(
@@ -300,7 +390,20 @@ def build_parser() -> argparse.ArgumentParser:
             "Prints JSON: per phrase its best boxes (x1, y1, x2, y2 in pixels) with scores."
         ),
     )
-    predict.add_argument("image", type=Path, help="the image file")
+    predict.add_argument(
+        "images",
+        nargs="*",
+        metavar="IMAGE",
+        help="image files, folders (their images), globs ('photos/*.jpg', quoted) or @list.txt "
+        "(one of these a line)",
+    )
+    predict.add_argument(
+        "--list",
+        type=Path,
+        action="append",
+        default=[],
+        help="a text file of images, folders or globs, one a line (repeatable; = @FILE)",
+    )
     predict.add_argument(
         "--phrase", action="append", default=[], help="a phrase to ground (repeatable)"
     )
@@ -322,7 +425,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--top-k", type=_positive_int, default=1, help="boxes per phrase, >= 1 (default 1)"
     )
     predict.add_argument(
-        "--out", type=Path, help="also draw the boxes and phrases on the image (.png, .jpg, ...)"
+        "--out",
+        type=Path,
+        help="one image: also draw its labelled boxes into this picture (.png, .jpg, .webp)",
+    )
+    predict.add_argument(
+        "--out-dir",
+        type=Path,
+        help=f"write {PREDICTIONS_FILE} (a JSON record per image) and each image's picture "
+        "here, instead of JSON on stdout",
+    )
+    predict.add_argument(
+        "--threshold",
+        type=float,
+        help="score from which a box counts as found (above_threshold); default: the "
+        "grounder's, chosen on validation by the sweep",
     )
     predict.add_argument(
         "--cache",
