@@ -14,6 +14,7 @@ import torch
 from conftest import jpeg_bytes
 from PIL import Image
 
+from grounding import cli
 from grounding.cli import main as cli_main
 from grounding.inference import grounder as grounder_module
 
@@ -427,3 +428,86 @@ def test_a_separate_registry_is_named_and_the_tracking_uri_stays_a_uri(
     )
     assert f"in the store {store} (registry {registry})" in last and "not found" in last
     assert mlflow.get_tracking_uri() == store
+
+
+def test_predict_many_images_loads_once_skips_bad_ones_and_writes_records_and_pictures(
+    model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    stand_ins.two_shapes().save(photos / "a.png")
+    stand_ins.two_shapes().transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(photos / "b.jpg")
+    (photos / "broken.jpg").write_bytes(b"not a picture")
+    listed = tmp_path / "more.txt"
+    listed.write_text("photos/a.png\nphotos/gone.png\n")
+    loads = []
+    monkeypatch.setattr(
+        cli, "load_grounder", lambda name, real=cli.load_grounder: loads.append(name) or real(name)
+    )
+    out = tmp_path / "out"
+    argv = ["predict", str(photos), f"@{listed}", "--model", str(model), "--phrase", "a red box"]
+    cli_main([*argv, "--out-dir", str(out), "--no-cache", "--threshold", "0"])
+    captured = capsys.readouterr()
+    assert loads == [str(model)]
+    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [r["image"] for r in records] == [str(photos / "a.png"), str(photos / "b.jpg")]
+    for record in records:
+        assert record["model"] == str(model) and record["size"] == [240, 160]
+        assert record["threshold"] == 0.0
+        [box] = record["phrases"][0]["boxes"]
+        assert all(isinstance(v, int) for v in box["box"]) and box["above_threshold"]
+        assert Image.open(record["picture"]).size == (240, 160)
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png", "predictions.jsonl"]
+    skipped = [line for line in captured.err.splitlines() if line.startswith("skipped: ")]
+    assert len(skipped) == 2
+    assert skipped[1] == f"skipped: {tmp_path / 'photos/gone.png'}: image file missing"
+    assert skipped[0].startswith(f"skipped: {photos / 'broken.jpg'}: unreadable image")
+    assert "grounded 2 of 4 images, skipped 2" in captured.err
+    assert captured.out == ""
+
+
+def test_predict_many_without_out_dir_prints_json_lines(
+    model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name in ("a.png", "b.png"):
+        stand_ins.two_shapes().save(tmp_path / name)
+    cli_main(
+        ["predict", str(tmp_path / "*.png"), "--model", str(model), "--phrase", "a", "--no-cache"]
+    )
+    lines = capsys.readouterr().out.splitlines()
+    assert [json.loads(line)["image"] for line in lines] == [
+        str(tmp_path / "a.png"),
+        str(tmp_path / "b.png"),
+    ]
+
+
+def test_predict_fails_only_when_no_image_was_grounded(
+    model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    (tmp_path / "b.jpg").write_bytes(b"y")
+    with pytest.raises(SystemExit) as exit:
+        cli_main(["predict", str(tmp_path), "--model", str(model), "--phrase", "a", "--no-cache"])
+    assert exit.value.code == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == "error: no image could be grounded (2 skipped)"
+    assert sum(line.startswith("skipped: ") for line in err) == 2
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--threshold", "1.5"], "threshold 1.5 is not between 0 and 1"),
+        (
+            ["--out", "one.png"],
+            "--out names the picture of one image; with several, pass --out-dir",
+        ),
+    ],
+)
+def test_predict_many_reports_option_mistakes_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    stand_ins.two_shapes().save(tmp_path / "a.png")
+    with pytest.raises(SystemExit):
+        cli_main(["predict", str(tmp_path), "--phrase", "a", "--no-cache", *extra])
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {message}"
