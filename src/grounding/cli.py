@@ -4,6 +4,7 @@
 ``grounding predict IMAGE... --phrase "a man" --phrase "a red shirt"`` grounds phrases in images.
 ``grounding convert --from flickr30k --to odvg data/sample out`` converts a dataset's annotations.
 ``grounding export --format onnx --out models/grounder-onnx`` exports a grounder for onnxruntime.
+``grounding demo`` serves a local web page to try a grounder on uploaded photos.
 """
 
 from __future__ import annotations
@@ -172,6 +173,27 @@ def _predict_many(args: argparse.Namespace, paths: list[Path], phrases: list[str
     print(f"grounded {grounded} of {len(paths)} images, skipped {skipped}{where}", file=sys.stderr)
     if not grounded:
         raise DataError(f"no image could be grounded ({skipped} skipped)")
+
+
+def _demo(args: argparse.Namespace) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("gradio") is None:  # before the model: fail fast
+        raise ConfigError(
+            "grounding demo needs gradio, which is not installed; it pins an older Pillow, so "
+            "install it in its own environment (docs/inference.md: The web demo)"
+        )
+    from grounding.config import check_device_spec
+    from grounding.inference.demo import build_demo, launch
+
+    if not args.no_cache:
+        io.check_writable_folder(args.cache, "--cache")
+    check_device_spec(args.device, "--device")
+    model = _model_or_pretrained(args.model)
+    grounder, _ = _placed(load_grounder(model), args.device)
+    proposals = grounder.proposer(None if args.no_cache else io.ProposalCache(args.cache))
+    print(f"grounding demo of {model} at http://{args.host}:{args.port}", file=sys.stderr)
+    launch(build_demo(grounder, model, proposals=proposals), host=args.host, port=args.port)
 
 
 def _placed(
@@ -454,6 +476,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto (a GPU if torch sees one), cpu, cuda or cuda:N (default %(default)s)",
     )
     predict.set_defaults(handler=_predict)
+
+    demo = commands.add_parser(
+        "demo",
+        help="a local web page to try a grounder: upload a photo, type phrases, see the boxes",
+        description=(
+            "Serve a Gradio page on this machine (127.0.0.1 by default): upload a photo, type "
+            "phrases one a line, move the threshold, see the labelled boxes and the record "
+            "that `grounding predict` would write. Needs gradio (docs/inference.md)."
+        ),
+    )
+    demo.add_argument("--model", help="the grounder, as `predict --model` takes it")
+    demo.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default %(default)s: this machine only)",
+    )
+    demo.add_argument("--port", type=_positive_int, default=7860, help="default %(default)s")
+    demo.add_argument(
+        "--cache",
+        type=Path,
+        default=_default_cache(),
+        help="folder of cached candidate boxes (default %(default)s)",
+    )
+    demo.add_argument("--no-cache", action="store_true", help="always compute the boxes")
+    demo.add_argument(
+        "--device", default="auto", help="auto, cpu, cuda or cuda:N (default %(default)s)"
+    )
+    demo.set_defaults(handler=_demo)
 
     convert = commands.add_parser(
         "convert",
