@@ -11,9 +11,10 @@ Each is the median over images and ``--runs`` repetitions; beside the wall time,
 CPU time (user + system, less sensitive to other load on the machine). Then the batch: one
 `grounding predict` of ``--batch-images`` images into an ``--out-dir`` (records and pictures),
 cold and cached, as images per second of the whole command (start-up and loading included).
-Then, inside one process with each grounder loaded once, the grounding alone (cold and cached), and the agreement of the
-export with torch: the smallest IoU between the two paths' best box of a phrase, and the largest
-score difference. Prints the figures; ``--out`` also writes them as JSON.
+Then, inside one process with each grounder loaded once, the grounding alone (cold and
+cached), and the agreement of the export with torch: the smallest IoU between the two paths'
+best box of a phrase, and the largest score difference. Prints the figures; ``--out`` also
+writes them as JSON, and a Markdown table beside it.
 
     grounding export --format onnx --model models/grounder.safetensors --out models/grounder-onnx
     python -m benchmarks.predict --model models/grounder.safetensors --onnx models/grounder-onnx
@@ -170,8 +171,9 @@ def main(argv: list[str] | None = None) -> None:
         onnx = args.onnx
         if onnx == Path("export"):
             onnx = work / "onnx"
+            export = ["grounding.cli", "export", "--model", args.model, "--out", str(onnx)]
             subprocess.run(
-                [sys.executable, "-m", "grounding.cli", "export", "--model", args.model, "--out", str(onnx)],
+                [sys.executable, "-m", *export],
                 check=True,
                 capture_output=True,
             )
