@@ -240,9 +240,9 @@ def markdown(summary: dict) -> str:
         f"{n['same_box_as_the_negated_phrase']:.0%}, on X's annotated region "
         f"{n['on_the_negated_thing']:.0%}, above threshold {n['above_threshold']:.0%} |",
         f'| spatial: "the person on the left / right" | {2 * s["images"]} '
-        f"({s['images']} images with two people side by side) | left right {s['left_hit']:.0%}, "
-        f"right right {s['right_hit']:.0%}; left and right the same box "
-        f'{s["left_and_right_same_box"]:.0%}; "left" on the right person '
+        f'({s["images"]} images with two people side by side) | "left" finds the leftmost '
+        f'person {s["left_hit"]:.0%}, "right" the rightmost {s["right_hit"]:.0%}; both '
+        f'the same box {s["left_and_right_same_box"]:.0%}; "left" on the rightmost person '
         f"{s['left_on_the_right_person']:.0%} |",
         f"| absence: a thing not in the photo | {a['phrases']} | above threshold "
         f"{a['above_threshold']:.0%}, median score {a['median_score']:.2f} |",
