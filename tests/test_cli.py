@@ -53,7 +53,7 @@ def test_predict_prints_json_and_draws(
     cli_main(argv)
     result = json.loads(capsys.readouterr().out)
     assert result["image"] == str(image) and result["size"] == [240, 160]
-    assert result["threshold"] == 0.5
+    assert result["threshold"] == 0.5 and result["model"] == str(model)
     assert [p["phrase"] for p in result["phrases"]] == [
         "a red box",
         "the grey background",
@@ -63,6 +63,7 @@ def test_predict_prints_json_and_draws(
     for grounding in result["phrases"]:
         scores = [box["score"] for box in grounding["boxes"]]
         assert len(scores) == 2 and scores[0] >= scores[1]
+        assert all(isinstance(v, int) for box in grounding["boxes"] for v in box["box"])
     assert result["out"] == str(out) and Image.open(out).size[0] > 0
     assert len(list(cache.glob("*.npy"))) == 1
     cli_main(argv)  # again: the proposals come from the cache, the answer is the same
@@ -511,3 +512,20 @@ def test_predict_many_reports_option_mistakes_in_one_line(
     with pytest.raises(SystemExit):
         cli_main(["predict", str(tmp_path), "--phrase", "a", "--no-cache", *extra])
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {message}"
+
+
+def test_predict_one_image_with_a_threshold_override(
+    model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    image = tmp_path / "shapes.png"
+    stand_ins.two_shapes().save(image)
+    argv = ["predict", str(image), "--model", str(model), "--phrase", "a red box", "--no-cache"]
+    cli_main([*argv, "--top-k", "3", "--threshold", "1"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["threshold"] == 1.0
+    boxes = result["phrases"][0]["boxes"]
+    assert [b["above_threshold"] for b in boxes] == [b["score"] >= 1.0 for b in boxes]
+    cli_main([*argv, "--top-k", "3", "--threshold", "0"])
+    assert all(
+        b["above_threshold"] for b in json.loads(capsys.readouterr().out)["phrases"][0]["boxes"]
+    )

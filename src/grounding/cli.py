@@ -88,36 +88,33 @@ def _one_file(source: str) -> bool:
 
 
 def _predict_one(args: argparse.Namespace, path: Path, phrases: list[str]) -> None:
-    """One image: its groundings as indented JSON on stdout, the picture in ``--out``."""
+    """One image: its record (as in a batch) as indented JSON on stdout, with the seconds taken;
+    the picture in ``--out``."""
     from grounding.config import check_device_spec
-    from grounding.inference.batch import with_threshold
+    from grounding.inference.batch import ImageGrounding, with_threshold
 
     image = io.read_image(path)  # before the model: a bad image fails fast
     check_device_spec(args.device, "--device")  # before the model: a bad name fails fast
     started = time.perf_counter()
-    grounder, out_of_memory_hint = _placed(
-        load_grounder(_model_or_pretrained(args.model)), args.device
-    )
+    model = _model_or_pretrained(args.model)
+    grounder, out_of_memory_hint = _placed(load_grounder(model), args.device)
     loaded = time.perf_counter()
     proposals = grounder.proposer(None if args.no_cache else io.ProposalCache(args.cache))
     with out_of_memory_hint:
         found = grounder.ground(image, phrases, top_k=args.top_k, proposals=proposals)
     threshold = grounder.threshold if args.threshold is None else args.threshold
-    found = with_threshold(found, threshold)
-    done = time.perf_counter()
-    result = {
-        "image": str(path),
-        "size": list(image.size),
-        "threshold": threshold,
-        "phrases": [grounding.to_dict() for grounding in found],
-        "seconds": {"load_model": round(loaded - started, 3), "ground": round(done - loaded, 3)},
+    answer = ImageGrounding(path, image.size, threshold, with_threshold(found, threshold), image)
+    result = answer.record(model)
+    result["seconds"] = {
+        "load_model": round(loaded - started, 3),
+        "ground": round(time.perf_counter() - loaded, 3),
     }
     if args.out:
         from grounding.inference.drawing import groundings
 
-        io.write_picture(groundings(image, found), args.out)
+        io.write_picture(groundings(image, answer.groundings), args.out)
         result["out"] = str(args.out)
-    json.dump(result, sys.stdout, indent=2)
+    json.dump(result, sys.stdout, indent=2, ensure_ascii=False)
     print()
 
 
