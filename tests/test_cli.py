@@ -529,3 +529,19 @@ def test_predict_one_image_with_a_threshold_override(
     assert all(
         b["above_threshold"] for b in json.loads(capsys.readouterr().out)["phrases"][0]["boxes"]
     )
+
+
+def test_demo_without_gradio_says_how_to_get_it_before_loading_a_model(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "gradio" else real(name, *a)
+    )
+    monkeypatch.setattr(cli, "load_grounder", lambda name: pytest.fail("loaded a model"))
+    with pytest.raises(SystemExit):
+        cli_main(["demo", "--model", "nowhere.safetensors"])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: grounding demo needs gradio, which is not installed")
