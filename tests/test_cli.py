@@ -470,15 +470,17 @@ def test_predict_many_images_loads_once_skips_bad_ones_and_writes_records_and_pi
 def test_predict_many_without_out_dir_prints_json_lines(
     model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    for name in ("a.png", "b.png"):
+    for name in ("a.png", "b.png", "c.png"):
         stand_ins.two_shapes().save(tmp_path / name)
-    cli_main(
-        ["predict", str(tmp_path / "*.png"), "--model", str(model), "--phrase", "a", "--no-cache"]
-    )
+    listed = tmp_path / "list.txt"
+    listed.write_text("c.png\n")
+    argv = ["predict", str(tmp_path / "[ab].png"), "--list", str(listed), "--model", str(model)]
+    cli_main([*argv, "--phrase", "a", "--no-cache"])
     lines = capsys.readouterr().out.splitlines()
     assert [json.loads(line)["image"] for line in lines] == [
         str(tmp_path / "a.png"),
         str(tmp_path / "b.png"),
+        str(tmp_path / "c.png"),
     ]
 
 
