@@ -8,13 +8,22 @@ new process: imports, loading the grounder, proposals, features, scores, JSON), 
 - cached: the same command again, the proposals read from the cache.
 
 Each is the median over images and ``--runs`` repetitions; beside the wall time, the command's
-CPU time (user + system, less sensitive to other load on the machine). Then, inside one process
-with each grounder loaded once, the grounding alone (cold and cached), and the agreement of the
-export with torch: the smallest IoU between the two paths' best box of a phrase, and the largest
-score difference. Prints the figures; ``--out`` also writes them as JSON.
+CPU time (user + system, less sensitive to other load on the machine). Then the batch: one
+`grounding predict` of ``--batch-images`` images into an ``--out-dir`` (records and pictures),
+cold and cached, as images per second of the whole command (start-up and loading included).
+Then, inside one process with each grounder loaded once, the grounding alone (cold and
+cached), and the agreement of the export with torch: the smallest IoU between the two paths'
+best box of a phrase, and the largest score difference. Prints the figures; ``--out`` also
+writes them as JSON, and a Markdown table beside it.
 
     grounding export --format onnx --model models/grounder.safetensors --out models/grounder-onnx
     python -m benchmarks.predict --model models/grounder.safetensors --onnx models/grounder-onnx
+
+``--onnx export`` exports ``--model`` into a temporary folder first; the packaged grounder on
+the real images, written to reports/ (JSON and a Markdown table):
+
+    python -m benchmarks.predict --model src/grounding/pretrained/flickr30k.safetensors \
+        --onnx export --out reports/predict-real.json
 """
 
 from __future__ import annotations
@@ -58,6 +67,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--images", type=Path, default=REAL_IMAGES, help="folder of JPEGs")
     parser.add_argument("--n-images", type=int, default=5, help="images to time")
     parser.add_argument("--runs", type=int, default=1, help="repetitions of each command")
+    parser.add_argument(
+        "--batch-images", type=int, default=20, help="images of the batch command (0: none)"
+    )
     parser.add_argument("--out", type=Path, help="write the figures here (JSON)")
     return parser.parse_args(argv)
 
@@ -89,6 +101,23 @@ def commands(images: list[Path], model: str, work: Path, runs: int) -> dict[str,
                 times[kind].append(wall)
                 times[f"{kind}_cpu"].append(cpu)
     return {f"command_{key}_s": statistics.median(values) for key, values in times.items()}
+
+
+def batch_command(images: list[Path], model: str, work: Path) -> dict[str, float]:
+    """Images per second of one `grounding predict` of all ``images`` into an output folder,
+    with an empty proposal cache (cold), then again with it filled (cached)."""
+    args = [sys.executable, "-m", "grounding.cli", "predict", *map(str, images), "--model", model]
+    args += ["--cache", str(work / "cache")]
+    for phrase in PHRASES:
+        args += ["--phrase", phrase]
+    figures = {}
+    for kind in ("cold", "cached"):
+        start = time.perf_counter()
+        subprocess.run(
+            [*args, "--out-dir", str(work / kind)], check=True, capture_output=True, env=os.environ
+        )
+        figures[f"batch_{kind}_images_per_s"] = len(images) / (time.perf_counter() - start)
+    return figures
 
 
 def in_process(images: list[Path], model: str, cache_dir: Path) -> tuple[dict[str, float], Any]:
@@ -134,14 +163,27 @@ def main(argv: list[str] | None = None) -> None:
     if not images:
         raise SystemExit(f"no .jpg images in {args.images}")
     results: dict[str, Any] = {"images": len(images), "phrases": len(PHRASES), "runs": args.runs}
-    models = {"torch": args.model, **({"onnx": str(args.onnx)} if args.onnx else {})}
+    batch = sorted(args.images.glob("*.jpg"))[: args.batch_images]
+    results["batch_images"] = len(batch)
     found = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        onnx = args.onnx
+        if onnx == Path("export"):
+            onnx = work / "onnx"
+            export = ["grounding.cli", "export", "--model", args.model, "--out", str(onnx)]
+            subprocess.run(
+                [sys.executable, "-m", *export],
+                check=True,
+                capture_output=True,
+            )
+        models = {"torch": args.model, **({"onnx": str(onnx)} if onnx else {})}
         for name, model in models.items():
             figures = commands(images, model, work / f"{name}-commands", args.runs)
             inside, found[name] = in_process(images, model, work / f"{name}-process")
             results[name] = {**figures, **inside}
+            if batch:
+                results[name].update(batch_command(batch, model, work / f"{name}-batch"))
     if "onnx" in found:
         results["onnx"].update(agreement(found["torch"], found["onnx"]))
     for name, value in results.items():
@@ -152,6 +194,33 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{name:32} {value}")
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
+        args.out.with_suffix(".md").write_text(markdown(results))
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The images per second of each grounder, as a table for the docs."""
+    lines = [
+        "# `grounding predict` on real images",
+        "",
+        f"Written by `python -m benchmarks.predict`: {results['phrases']} phrases per image, "
+        f"2 CPU cores shared; one command of {results['batch_images']} images (start-up, "
+        f"loading and pictures included), and {results['images']} single-image commands.",
+        "",
+        "| grounder | batch, proposals computed | batch, proposals cached | one image a command "
+        "(cached) | grounding alone, cold / cached | load |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in ("torch", "onnx"):
+        if name not in results:
+            continue
+        r = results[name]
+        lines.append(
+            f"| {name} | {r.get('batch_cold_images_per_s', float('nan')):.2f} images/s | "
+            f"{r.get('batch_cached_images_per_s', float('nan')):.2f} images/s | "
+            f"{r['command_cached_s']:.1f} s | {r['ground_cold_s']:.2f} / "
+            f"{r['ground_cached_s']:.2f} s | {r['load_grounder_s']:.1f} s |"
+        )
+    return "\n".join([*lines, ""])
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import torch
 from conftest import jpeg_bytes
 from PIL import Image
 
+from grounding import cli
 from grounding.cli import main as cli_main
 from grounding.inference import grounder as grounder_module
 
@@ -52,7 +53,7 @@ def test_predict_prints_json_and_draws(
     cli_main(argv)
     result = json.loads(capsys.readouterr().out)
     assert result["image"] == str(image) and result["size"] == [240, 160]
-    assert result["threshold"] == 0.5
+    assert result["threshold"] == 0.5 and result["model"]["source"] == str(model)
     assert [p["phrase"] for p in result["phrases"]] == [
         "a red box",
         "the grey background",
@@ -62,6 +63,7 @@ def test_predict_prints_json_and_draws(
     for grounding in result["phrases"]:
         scores = [box["score"] for box in grounding["boxes"]]
         assert len(scores) == 2 and scores[0] >= scores[1]
+        assert all(isinstance(v, int) for box in grounding["boxes"] for v in box["box"])
     assert result["out"] == str(out) and Image.open(out).size[0] > 0
     assert len(list(cache.glob("*.npy"))) == 1
     cli_main(argv)  # again: the proposals come from the cache, the answer is the same
@@ -456,3 +458,125 @@ def test_a_separate_registry_is_named_and_the_tracking_uri_stays_a_uri(
     )
     assert f"in the store {store} (registry {registry})" in last and "not found" in last
     assert mlflow.get_tracking_uri() == store
+
+
+def test_predict_many_images_loads_once_skips_bad_ones_and_writes_records_and_pictures(
+    model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    stand_ins.two_shapes().save(photos / "a.png")
+    stand_ins.two_shapes().transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(photos / "b.jpg")
+    (photos / "broken.jpg").write_bytes(b"not a picture")
+    listed = tmp_path / "more.txt"
+    listed.write_text("photos/a.png\nphotos/gone.png\n")
+    loads = []
+    monkeypatch.setattr(
+        cli,
+        "load_grounder",
+        lambda name, *args, real=cli.load_grounder, **kwargs: (
+            loads.append(name) or real(name, *args, **kwargs)
+        ),
+    )
+    out = tmp_path / "out"
+    argv = ["predict", str(photos), f"@{listed}", "--model", str(model), "--phrase", "a red box"]
+    cli_main([*argv, "--out-dir", str(out), "--no-cache", "--threshold", "0"])
+    captured = capsys.readouterr()
+    assert loads == [str(model)]
+    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [r["image"] for r in records] == [str(photos / "a.png"), str(photos / "b.jpg")]
+    for record in records:
+        assert record["model"]["source"] == str(model) and record["size"] == [240, 160]
+        assert record["threshold"] == 0.0
+        [box] = record["phrases"][0]["boxes"]
+        assert all(isinstance(v, int) for v in box["box"]) and box["above_threshold"]
+        assert Image.open(record["picture"]).size == (240, 160)
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png", "predictions.jsonl"]
+    skipped = [line for line in captured.err.splitlines() if line.startswith("skipped: ")]
+    assert len(skipped) == 2
+    assert skipped[1] == f"skipped: {tmp_path / 'photos/gone.png'}: image file missing"
+    assert skipped[0].startswith(f"skipped: {photos / 'broken.jpg'}: unreadable image")
+    assert "grounded 2 of 4 images, skipped 2" in captured.err
+    assert captured.out == ""
+
+
+def test_predict_many_without_out_dir_prints_json_lines(
+    model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name in ("a.png", "b.png", "c.png"):
+        stand_ins.two_shapes().save(tmp_path / name)
+    listed = tmp_path / "list.txt"
+    listed.write_text("c.png\n")
+    argv = ["predict", str(tmp_path / "[ab].png"), "--list", str(listed), "--model", str(model)]
+    cli_main([*argv, "--phrase", "a", "--no-cache"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [json.loads(line)["image"] for line in lines] == [
+        str(tmp_path / "a.png"),
+        str(tmp_path / "b.png"),
+        str(tmp_path / "c.png"),
+    ]
+
+
+def test_predict_fails_only_when_no_image_was_grounded(
+    model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    (tmp_path / "b.jpg").write_bytes(b"y")
+    with pytest.raises(SystemExit) as exit:
+        cli_main(["predict", str(tmp_path), "--model", str(model), "--phrase", "a", "--no-cache"])
+    assert exit.value.code == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == "error: no image could be grounded (2 skipped)"
+    assert sum(line.startswith("skipped: ") for line in err) == 2
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--threshold", "1.5"], "threshold 1.5 is not between 0 and 1"),
+        (
+            ["--out", "one.png"],
+            "--out names the picture of one image; with several, pass --out-dir",
+        ),
+    ],
+)
+def test_predict_many_reports_option_mistakes_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    stand_ins.two_shapes().save(tmp_path / "a.png")
+    with pytest.raises(SystemExit):
+        cli_main(["predict", str(tmp_path), "--phrase", "a", "--no-cache", *extra])
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {message}"
+
+
+def test_predict_one_image_with_a_threshold_override(
+    model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    image = tmp_path / "shapes.png"
+    stand_ins.two_shapes().save(image)
+    argv = ["predict", str(image), "--model", str(model), "--phrase", "a red box", "--no-cache"]
+    cli_main([*argv, "--top-k", "3", "--threshold", "1"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["threshold"] == 1.0
+    boxes = result["phrases"][0]["boxes"]
+    assert [b["above_threshold"] for b in boxes] == [b["score"] >= 1.0 for b in boxes]
+    cli_main([*argv, "--top-k", "3", "--threshold", "0"])
+    assert all(
+        b["above_threshold"] for b in json.loads(capsys.readouterr().out)["phrases"][0]["boxes"]
+    )
+
+
+def test_demo_without_gradio_says_how_to_get_it_before_loading_a_model(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "gradio" else real(name, *a)
+    )
+    monkeypatch.setattr(cli, "load_grounder", lambda *_, **__: pytest.fail("loaded a model"))
+    with pytest.raises(SystemExit):
+        cli_main(["demo", "--model", "nowhere.safetensors"])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: grounding demo needs gradio, which is not installed")

@@ -1,14 +1,16 @@
 """The ``grounding`` command: tools around the pipeline (the stages themselves run from dvc.yaml).
 
 ``grounding sample --out data/sample`` regenerates the shipped synthetic sample, byte for byte.
-``grounding predict IMAGE --phrase "a man" --phrase "a red shirt"`` grounds phrases in an image.
+``grounding predict IMAGE... --phrase "a man" --phrase "a red shirt"`` grounds phrases in images.
 ``grounding convert --from flickr30k --to odvg data/sample out`` converts a dataset's annotations.
 ``grounding export --format onnx --out models/grounder-onnx`` exports a grounder for onnxruntime.
+``grounding demo`` serves a local web page to try a grounder on uploaded photos.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -16,6 +18,7 @@ import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from grounding import io
 from grounding.data.formats import FORMATS
@@ -24,8 +27,15 @@ from grounding.errors import ConfigError, DataError, run
 from grounding.inference.loading import PRETRAINED_NAME, load_grounder
 from grounding.inference.onnx_grounder import EXPORT_FORMATS
 
+if TYPE_CHECKING:
+    from grounding.inference.grounder import Grounder
+
 #: What ``dvc repro`` writes and ``grounding predict`` loads by default.
 TRAINED_GROUNDER = Path("models/grounder.safetensors")
+#: The JSON Lines file of ``grounding predict --out-dir``: one record per grounded image.
+PREDICTIONS_FILE = "predictions.jsonl"
+#: What a GPU out of memory while grounding tells the user to change.
+OUT_OF_MEMORY_ADVICE = "shrink the image or pass --device cpu"
 
 
 def _sample(args: argparse.Namespace) -> None:
@@ -41,7 +51,8 @@ def _sample(args: argparse.Namespace) -> None:
 
 def _predict(args: argparse.Namespace) -> None:
     from grounding.config import check_device_spec
-    from grounding.inference.grounder import check_phrases, check_size, phrases_from_caption
+    from grounding.inference.batch import check_threshold
+    from grounding.inference.grounder import check_phrases, phrases_from_caption
 
     phrases = list(args.phrase)
     for caption in args.caption:
@@ -49,47 +60,166 @@ def _predict(args: argparse.Namespace) -> None:
     if args.phrases_file:
         phrases += _read_phrases(args.phrases_file)
     phrases = check_phrases(phrases)
-    if args.out and args.out.suffix.lstrip(".").lower() not in io.FIGURE_FORMATS:
-        raise DataError(f"--out {args.out}: the picture must be one of {io.FIGURE_FORMATS}")
+    if args.threshold is not None:
+        check_threshold(args.threshold)
+    sources = [*args.images, *(f"@{path}" for path in args.list)]
+    if not sources:
+        raise DataError("no image given: name image files, folders, globs or @list.txt")
+    if args.out and args.out.suffix.lstrip(".").lower() not in io.PICTURE_FORMATS:
+        raise DataError(f"--out {args.out}: the picture must be one of {io.PICTURE_FORMATS}")
     if args.out:  # before grounding: a bad output place fails fast
         io.check_writable_file(args.out, "--out")
     if not args.no_cache:
         io.check_writable_folder(args.cache, "--cache")
-    image = io.read_image(args.image)  # before the model: a bad image fails fast
-    check_size(image.size, str(args.image))  # a 1x1 or 1x50000 image too
-    check_device_spec(args.device, "--device")  # before the model: a bad name fails fast
-    started = time.perf_counter()
+    if args.out_dir is None and len(sources) == 1 and _one_file(sources[0]):
+        _predict_one(args, Path(sources[0]), phrases)
+        return
+    if args.out:
+        raise DataError("--out names the picture of one image; with several, pass --out-dir")
+    paths = io.find_images(sources)  # before the model: a source naming nothing fails fast
+    if args.out_dir:
+        io.check_writable_folder(args.out_dir, "--out-dir")
+    check_device_spec(args.device, "--device")
+    _predict_many(args, paths, phrases)
+
+
+def _one_file(source: str) -> bool:
+    """Whether ``source`` names one image file (today's single-image predict), not a folder,
+    a glob or a list."""
+    path = Path(source)
+    if source.startswith("@") or path.is_dir():
+        return False
+    return path.exists() or not set("*?[") & set(source)
+
+
+def _load(args: argparse.Namespace) -> Grounder:
+    """The grounder ``--model`` names (the packaged one by default) on ``--device``, named on
+    stderr: every answer says which model gave it."""
     grounder = load_grounder(_model_or_pretrained(args.model), args.device, where="--device")
-    loaded = time.perf_counter()
     print(f"model: {grounder.describe()}", file=sys.stderr)
-    if grounder.trained_on and grounder.trained_on.synthetic and not from_sample(args.image):
+    return grounder
+
+
+def _warn_if_only_the_sample(grounder: Grounder, images: Iterable[Path]) -> None:
+    """A model trained on the synthetic sample knows only its shapes: say so on stderr when it
+    is asked about another image."""
+    synthetic = grounder.trained_on is not None and grounder.trained_on.synthetic
+    if synthetic and not all(from_sample(image) for image in images):
         print(
             f"warning: this model only knows the synthetic shapes of {SAMPLE_ROOT} "
-            "(coloured circles, squares, ...), and this image is not one of them; for real "
+            "(coloured circles, squares, ...), and not every image is one of them; for real "
             "photos use the packaged grounder trained on Flickr30k Entities: --model "
             f"{PRETRAINED_NAME}",
             file=sys.stderr,
         )
+
+
+def _predict_one(args: argparse.Namespace, path: Path, phrases: list[str]) -> None:
+    """One image: its record (as in a batch) as indented JSON on stdout, with the seconds taken;
+    the picture in ``--out``."""
+    from grounding.config import check_device_spec
+    from grounding.inference.batch import ImageGrounding, with_threshold
+    from grounding.inference.grounder import check_size
+
+    image = io.read_image(path)  # before the model: a bad image fails fast
+    check_size(image.size, str(path))  # a 1x1 or 1x50000 image too
+    check_device_spec(args.device, "--device")  # before the model: a bad name fails fast
+    started = time.perf_counter()
+    grounder = _load(args)
+    loaded = time.perf_counter()
+    _warn_if_only_the_sample(grounder, [path])
     proposals = grounder.proposer(None if args.no_cache else io.ProposalCache(args.cache))
-    advice = "shrink the image or pass --device cpu"
-    with grounder.scorer.out_of_memory_hint(advice):
+    with grounder.scorer.out_of_memory_hint(OUT_OF_MEMORY_ADVICE):
         found = grounder.ground(image, phrases, top_k=args.top_k, proposals=proposals)
-    done = time.perf_counter()
-    result = {
-        "image": str(args.image),
-        "size": list(image.size),
-        "model": grounder.model_info(),
-        "threshold": grounder.threshold,
-        "phrases": [grounding.to_dict() for grounding in found],
-        "seconds": {"load_model": round(loaded - started, 3), "ground": round(done - loaded, 3)},
+    threshold = grounder.threshold if args.threshold is None else args.threshold
+    answer = ImageGrounding(path, image.size, threshold, with_threshold(found, threshold), image)
+    result = answer.record(grounder.model_info())
+    result["seconds"] = {
+        "load_model": round(loaded - started, 3),
+        "ground": round(time.perf_counter() - loaded, 3),
     }
     if args.out:
         from grounding.inference.drawing import groundings
 
-        io.write_figure(groundings(image, found), args.out)
+        io.write_picture(groundings(image, answer.groundings), args.out)
         result["out"] = str(args.out)
-    json.dump(result, sys.stdout, indent=2)
+    json.dump(result, sys.stdout, indent=2, ensure_ascii=False)
     print()
+
+
+def _predict_many(args: argparse.Namespace, paths: list[Path], phrases: list[str]) -> None:
+    """Several images through one loaded grounder: a JSON Lines record per image to stdout, or
+    to ``--out-dir``/predictions.jsonl with each image's picture beside it; a progress bar,
+    each skipped image and the counts on stderr. Fails only when no image was grounded."""
+    from tqdm import tqdm
+
+    from grounding.inference.batch import ImageGrounding, ground_images, picture_names
+
+    grounder = _load(args)
+    _warn_if_only_the_sample(grounder, paths)
+    proposals = grounder.proposer(None if args.no_cache else io.ProposalCache(args.cache))
+    names = picture_names(paths)
+    results = ground_images(
+        grounder,
+        paths,
+        phrases,
+        read=io.read_image,
+        top_k=args.top_k,
+        threshold=args.threshold,
+        proposals=proposals,
+    )
+    grounded, skipped = 0, 0
+    with contextlib.ExitStack() as stack:
+        if args.out_dir:
+            records_path = args.out_dir / PREDICTIONS_FILE
+            args.out_dir.mkdir(parents=True, exist_ok=True)
+            # line by line, flushed: a long batch that is stopped keeps what it has done
+            records = stack.enter_context(records_path.open("w", encoding="utf-8"))
+        else:
+            records = sys.stdout
+        bar = stack.enter_context(tqdm(total=len(paths), unit="image", file=sys.stderr))
+        stack.enter_context(grounder.scorer.out_of_memory_hint(OUT_OF_MEMORY_ADVICE))
+        for result in results:
+            bar.update()
+            if not isinstance(result, ImageGrounding):
+                skipped += 1
+                bar.write(f"skipped: {result.error}", file=sys.stderr)
+                continue
+            grounded += 1
+            record = result.record(grounder.model_info())
+            if args.out_dir:
+                from grounding.inference.drawing import groundings
+
+                picture = args.out_dir / names[result.path]
+                io.write_picture(groundings(result.image, result.groundings), picture)
+                record["picture"] = str(picture)
+            records.write(json.dumps(record, ensure_ascii=False) + "\n")
+            records.flush()
+    where = f"; records in {args.out_dir / PREDICTIONS_FILE}" if args.out_dir else ""
+    print(f"grounded {grounded} of {len(paths)} images, skipped {skipped}{where}", file=sys.stderr)
+    if not grounded:
+        raise DataError(f"no image could be grounded ({skipped} skipped)")
+
+
+def _demo(args: argparse.Namespace) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("gradio") is None:  # before the model: fail fast
+        raise ConfigError(
+            "grounding demo needs gradio, which is not installed; it pins an older Pillow, so "
+            "install it in its own environment (docs/inference.md: The web demo)"
+        )
+    from grounding.config import check_device_spec
+    from grounding.inference.demo import build_demo, launch
+
+    if not args.no_cache:
+        io.check_writable_folder(args.cache, "--cache")
+    check_device_spec(args.device, "--device")
+    grounder = _load(args)
+    proposals = grounder.proposer(None if args.no_cache else io.ProposalCache(args.cache))
+    model = grounder.source or _model_or_pretrained(args.model)
+    print(f"grounding demo of {model} at http://{args.host}:{args.port}", file=sys.stderr)
+    launch(build_demo(grounder, model, proposals=proposals), host=args.host, port=args.port)
 
 
 def _read_phrases(path: Path) -> list[str]:
@@ -192,17 +322,27 @@ def _model_or_pretrained(model: str | None, trained: Path = TRAINED_GROUNDER) ->
     return PRETRAINED_NAME
 
 
-def _top_k(text: str) -> int:
-    """An argparse type: a whole number in ``1..MAX_TOP_K``."""
-    from grounding.inference.grounder import MAX_TOP_K
-
+def _whole_number(text: str, low: int, high: int) -> int:
+    """``text`` as a whole number in ``low..high``, for argparse."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a whole number") from None
-    if not 1 <= value <= MAX_TOP_K:
-        raise argparse.ArgumentTypeError(f"{value} is not in 1..{MAX_TOP_K}")
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"{value} is not in {low}..{high}")
     return value
+
+
+def _top_k(text: str) -> int:
+    """An argparse type: a whole number in ``1..MAX_TOP_K``."""
+    from grounding.inference.grounder import MAX_TOP_K
+
+    return _whole_number(text, 1, MAX_TOP_K)
+
+
+def _port(text: str) -> int:
+    """An argparse type: a TCP port."""
+    return _whole_number(text, 1, 65535)
 
 
 def _default_cache() -> Path:
@@ -237,7 +377,20 @@ def build_parser() -> argparse.ArgumentParser:
             "Prints JSON: per phrase its best boxes (x1, y1, x2, y2 in pixels) with scores."
         ),
     )
-    predict.add_argument("image", type=Path, help="the image file")
+    predict.add_argument(
+        "images",
+        nargs="*",
+        metavar="IMAGE",
+        help="image files, folders (their images), globs ('photos/*.jpg', quoted) or @list.txt "
+        "(one of these a line)",
+    )
+    predict.add_argument(
+        "--list",
+        type=Path,
+        action="append",
+        default=[],
+        help="a text file of images, folders or globs, one a line (repeatable; = @FILE)",
+    )
     predict.add_argument(
         "--phrase", action="append", default=[], help="a phrase to ground (repeatable)"
     )
@@ -260,7 +413,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--top-k", type=_top_k, default=1, help="boxes per phrase, 1 to 1000 (default 1)"
     )
     predict.add_argument(
-        "--out", type=Path, help="also draw the boxes and phrases on the image (.png, .jpg, ...)"
+        "--out",
+        type=Path,
+        help="one image: also draw its labelled boxes into this picture (.png, .jpg, .webp)",
+    )
+    predict.add_argument(
+        "--out-dir",
+        type=Path,
+        help=f"write {PREDICTIONS_FILE} (a JSON record per image) and each image's picture "
+        "here, instead of JSON on stdout",
+    )
+    predict.add_argument(
+        "--threshold",
+        type=float,
+        help="score from which a box counts as found (above_threshold); default: the "
+        "grounder's, chosen on validation by the sweep",
     )
     predict.add_argument(
         "--cache",
@@ -275,6 +442,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto (a GPU if torch sees one), cpu, cuda or cuda:N (default %(default)s)",
     )
     predict.set_defaults(handler=_predict)
+
+    demo = commands.add_parser(
+        "demo",
+        help="a local web page to try a grounder: upload a photo, type phrases, see the boxes",
+        description=(
+            "Serve a Gradio page on this machine (127.0.0.1 by default): upload a photo, type "
+            "phrases one a line, move the threshold, see the labelled boxes and the record "
+            "that `grounding predict` would write. Needs gradio (docs/inference.md)."
+        ),
+    )
+    demo.add_argument("--model", help="the grounder, as `predict --model` takes it")
+    demo.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default %(default)s: this machine only)",
+    )
+    demo.add_argument("--port", type=_port, default=7860, help="default %(default)s")
+    demo.add_argument(
+        "--cache",
+        type=Path,
+        default=_default_cache(),
+        help="folder of cached candidate boxes (default %(default)s)",
+    )
+    demo.add_argument("--no-cache", action="store_true", help="always compute the boxes")
+    demo.add_argument(
+        "--device", default="auto", help="auto, cpu, cuda or cuda:N (default %(default)s)"
+    )
+    demo.set_defaults(handler=_demo)
 
     convert = commands.add_parser(
         "convert",

@@ -296,3 +296,65 @@ def test_a_huge_png_decoded_for_a_model_holds_one_full_size_copy_at_most(tmp_pat
     *shown, grown_mb = done.stdout.split()
     assert " ".join(shown) == "(453, 453) (7700, 7700)"  # reduced by 17, full size kept
     assert int(grown_mb) < 400  # one 237 MB copy, not three
+
+
+# --- find_images: files, folders, globs, lists ----------------------------------------------
+
+
+def test_find_images_takes_files_folders_globs_and_lists_in_order_each_once(
+    tmp_path: Path,
+) -> None:
+    from grounding.io.images import find_images
+
+    photos = tmp_path / "photos"
+    (photos / "deeper").mkdir(parents=True)
+    for name in ("b.JPG", "a.png", "notes.txt", "deeper/c.jpg"):
+        (photos / name).write_bytes(b"")
+    listed = tmp_path / "list.txt"
+    listed.write_text("# a comment\n\nphotos/deeper/c.jpg\n" + str(photos / "a.png") + "\n")
+    found = find_images(
+        [
+            str(photos / "missing.jpg"),
+            str(photos),
+            str(photos / "**" / "*.jpg"),
+            f"@{listed}",
+        ]
+    )
+    assert found == [
+        photos / "missing.jpg",
+        photos / "a.png",
+        photos / "b.JPG",
+        photos / "deeper/c.jpg",
+    ]
+
+
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        ("empty", "a folder with no image file"),
+        ("empty/*.jpg", "the pattern matches no image file"),
+        ("@absent.txt", "cannot read the list of images"),
+    ],
+)
+def test_find_images_refuses_a_source_that_names_nothing(
+    tmp_path: Path, source: str, message: str
+) -> None:
+    from grounding.io.images import find_images
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.md").write_text("")
+    source = f"@{tmp_path / source[1:]}" if source.startswith("@") else str(tmp_path / source)
+    with pytest.raises(DataError, match=message):
+        find_images([source])
+
+
+def test_write_picture_writes_the_suffix_format_and_refuses_others(tmp_path: Path) -> None:
+    from grounding.io.images import write_picture
+
+    image = Image.new("RGB", (8, 6), (10, 200, 30))
+    write_picture(image, tmp_path / "a.jpg")
+    assert Image.open(tmp_path / "a.jpg").format == "JPEG"
+    write_picture(image, tmp_path / "a.png")
+    assert Image.open(tmp_path / "a.png").getpixel((0, 0)) == (10, 200, 30)
+    with pytest.raises(DataError, match="cannot write a picture as 'pdf'"):
+        write_picture(image, tmp_path / "a.pdf")

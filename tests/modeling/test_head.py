@@ -114,6 +114,19 @@ def test_the_prior_adds_a_geometry_score_to_the_matching_score() -> None:
     assert not torch.allclose(head.score(moved, phrases), head.score(regions, phrases))
 
 
+def test_the_prior_head_scores_a_grid_block_as_its_rows() -> None:
+    # the ONNX export scores (phrases, regions, dim) blocks; training scores (pairs, dim) rows
+    torch.manual_seed(0)
+    head = build_head("matching_prior", PRIOR_CONFIG).eval()
+    regions, phrases = head.embed_regions(torch.randn(5, 12)), head.embed_phrases(torch.randn(3, 3))
+    with torch.inference_mode():
+        grid = head.score(
+            regions.unsqueeze(0).expand(3, -1, -1), phrases.unsqueeze(1).expand(-1, 5, -1)
+        )
+        rows = head.score(regions.repeat(3, 1), phrases.repeat_interleave(5, 0))
+    torch.testing.assert_close(grid.reshape(-1), rows)
+
+
 def test_the_prior_head_rebuilds_from_its_weights() -> None:
     torch.manual_seed(1)
     head = build_head("matching_prior", PRIOR_CONFIG).eval()

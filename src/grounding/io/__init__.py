@@ -33,12 +33,21 @@ from grounding.io.files import (
     write_tables,
     write_text,
 )
-from grounding.io.images import ImageFolder, decode_image, present_files, read_image
+from grounding.io.images import (
+    PICTURE_FORMATS,
+    ImageFolder,
+    decode_image,
+    find_images,
+    present_files,
+    read_image,
+    write_picture,
+)
 from grounding.io.proposal_cache import ProposalCache
 from grounding.io.weights import read_weights, write_weights
 
 __all__ = [
     "FIGURE_FORMATS",
+    "PICTURE_FORMATS",
     "ImageFolder",
     "ProposalCache",
     "TableWriter",
@@ -47,6 +56,7 @@ __all__ = [
     "check_writable_folder",
     "decode_image",
     "empty_table",
+    "find_images",
     "present_files",
     "read_array",
     "read_csv",
@@ -69,6 +79,7 @@ __all__ = [
     "write_figure",
     "write_files",
     "write_json",
+    "write_picture",
     "write_png",
     "write_table",
     "write_tables",

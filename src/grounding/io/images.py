@@ -17,6 +17,7 @@ import os
 import re
 import stat
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -227,3 +228,78 @@ class ImageFolder:
 
     def __call__(self, image_id: str) -> Image.Image:
         return read_image(self.path(image_id))
+
+
+#: The file suffixes taken as images when a folder or a glob is given (lower case).
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+#: The formats a picture (an annotated image) is written in, by the file's suffix.
+PICTURE_FORMATS = ("png", "jpg", "jpeg", "webp")
+_GLOB_CHARACTERS = frozenset("*?[")
+
+
+def find_images(sources: Sequence[str]) -> list[Path]:
+    """The image files that ``sources`` name, in order, each once: a file (kept as given, even
+    missing, so that reading it reports it), a folder (its files with an image suffix, sorted;
+    not its subfolders), a glob (``photos/*.jpg``, ``**`` descends; sorted) or ``@list.txt`` (a
+    text file of such sources, one per line, blank lines and ``#`` comments skipped, relative
+    paths taken from the list's folder). :class:`DataError` for a folder or glob that names
+    no image, an unreadable list, or no source at all."""
+    found: dict[Path, None] = {}
+    for source in sources:
+        for path in _source_images(source):
+            found.setdefault(path, None)
+    if not found:
+        raise DataError("no image given")
+    return list(found)
+
+
+def read_image_list(path: Path) -> list[str]:
+    """The sources listed in the text file ``path`` (see :func:`find_images`), relative ones
+    joined to the list's folder; :class:`DataError` if the file cannot be read."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: cannot read the list of images ({error})") from None
+    sources = [line.strip() for line in lines]
+    return [
+        str(Path(path).parent / source) if not Path(source).is_absolute() else source
+        for source in sources
+        if source and not source.startswith("#")
+    ]
+
+
+def _source_images(source: str) -> list[Path]:
+    if source.startswith("@"):
+        return [
+            path for listed in read_image_list(Path(source[1:])) for path in _source_images(listed)
+        ]
+    path = Path(source)
+    if path.is_dir():
+        images = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not images:
+            raise DataError(
+                f"{source}: a folder with no image file ({', '.join(sorted(IMAGE_SUFFIXES))})"
+            )
+        return images
+    if _GLOB_CHARACTERS & set(source) and not path.exists():
+        root = Path(path.anchor) if path.is_absolute() else Path()
+        pattern = str(path.relative_to(root)) if path.is_absolute() else source
+        images = sorted(
+            p for p in root.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        )
+        if not images:
+            raise DataError(f"{source}: the pattern matches no image file")
+        return images
+    return [path]
+
+
+def write_picture(image: Image.Image, path: Path) -> None:
+    """Save ``image`` in the format ``path``'s suffix names (one of :data:`PICTURE_FORMATS`),
+    atomically; :class:`DataError` for another suffix."""
+    from grounding.io.files import atomic
+
+    format = path.suffix.lstrip(".").lower()
+    if format not in PICTURE_FORMATS:
+        raise DataError(f"{path}: cannot write a picture as {format!r}; use {PICTURE_FORMATS}")
+    with atomic(path) as tmp:
+        image.save(tmp, format="JPEG" if format == "jpg" else format.upper())

@@ -95,7 +95,8 @@ class PriorMatchingHead(MatchingHead):
         return torch.cat([self.region(regions), regions[:, -_GEOMETRY:]], dim=-1)
 
     def score(self, regions: torch.Tensor, phrases: torch.Tensor) -> torch.Tensor:
-        projected, geometry = regions[:, :-_GEOMETRY], regions[:, -_GEOMETRY:]
+        # ...: the grid of the ONNX export scores (P, N, dim) blocks, training (pairs, dim) rows
+        projected, geometry = regions[..., :-_GEOMETRY], regions[..., -_GEOMETRY:]
         prior = self.prior(torch.cat([phrases, geometry], dim=-1)).squeeze(-1)
         return super().score(projected, phrases) + prior
 
