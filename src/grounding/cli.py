@@ -225,7 +225,8 @@ def _model_store(model: str) -> str:
     """The tracking URI an MLflow model URI (``runs:/``, ``models:/``) is looked up in (that
     of :mod:`grounding.tracking`); :class:`DataError` naming the file if it, or the
     ``MLFLOW_REGISTRY_URI`` of a ``models:/`` URI, is a SQLite file that does not exist (MLflow
-    would create an empty one)."""
+    would create an empty one). A SQLite store copied or moved with its checkout is first
+    made to point at itself (:func:`grounding.tracking.relocate_store`)."""
     from grounding import tracking
     from grounding.config import repo_root
 
@@ -239,6 +240,7 @@ def _model_store(model: str) -> str:
                     f"{model}: cannot load the model: no MLflow store at {database.absolute()} "
                     "(run from the repository that logged it, or set MLFLOW_TRACKING_URI)"
                 )
+    tracking.relocate_store(uri)  # a copied or moved checkout reads its own artifacts
     return uri
 
 
