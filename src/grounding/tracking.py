@@ -235,7 +235,8 @@ def log_pipeline_run(
     registered as :data:`REGISTERED_MODEL`, and whether that version became the
     :data:`CHAMPION` (its ``validation_f1`` beats the champion's; ties keep the older one).
 
-    ``artifacts_at`` is the artifact location given to the experiment if this creates it;
+    ``artifacts_at`` is the artifact location given to the experiment if this creates it in a
+    SQLite store (a server's experiment gets the server's own);
     ``params`` are already flat (``train.pos_weight``); ``history`` has an ``epoch`` column
     and one column per metric; ``head`` and ``grounder`` are weights files
     (:mod:`grounding.io.weights`), the grounder logged as a pyfunc model from code;
@@ -253,7 +254,8 @@ def log_pipeline_run(
         _relocate(uri)
         mlflow.set_tracking_uri(uri)
         client = mlflow.MlflowClient()
-        experiment_id = _experiment_id(client, artifacts_at)
+        # a server keeps the artifacts itself (--serve-artifacts): no folder of this checkout
+        experiment_id = _experiment_id(client, artifacts_at if _sqlite_file(uri) else None)
         client.set_experiment_tag(experiment_id, *EXPERIMENT_KIND)
         if _sqlite_file(uri) is not None:
             # every writer holds the lock while its run is open: a RUNNING run seen now was
@@ -299,7 +301,7 @@ def log_pipeline_run(
         return run.info.run_id, version, _crown(client, version, float(validation_f1))
 
 
-def _experiment_id(client: Any, artifacts_at: str) -> str:
+def _experiment_id(client: Any, artifacts_at: str | None) -> str:
     """The id of :data:`EXPERIMENT`, created with ``artifacts_at`` if it does not exist (on a
     server, another pipeline may create it at the same moment: then that one is used)."""
     from mlflow.exceptions import MlflowException
