@@ -241,7 +241,8 @@ def log_pipeline_run(
     and one column per metric; ``head`` and ``grounder`` are weights files
     (:mod:`grounding.io.weights`), the grounder logged as a pyfunc model from code;
     ``started_at`` is when the pipeline run began (default: now). A run left RUNNING by a
-    report stage that was killed is marked FAILED first.
+    report stage that was killed is marked FAILED first (in a SQLite store only). A SQLite
+    store copied or moved with its checkout is relocated first (:func:`relocate_store`).
     """
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     # MLflow prints a server's run address with the URI's password; the stage prints its own
