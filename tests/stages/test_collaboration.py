@@ -321,22 +321,26 @@ def tracking_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         os.chown(database, nobody.pw_uid, nobody.pw_gid)
     data, log = database / "data", database / "postgres.log"
     pg_port, port = _free_port(), _free_port()
-    subprocess.run(
-        _as_postgres_user(
-            [str(bin_dir / "initdb"), "-q", "-D", str(data), "-U", "postgres", "-A", "trust"]
-        ),
-        check=True,
-        capture_output=True,
-    )
-    options = f"-p {pg_port} -k {database} -c listen_addresses=127.0.0.1"
     pg_ctl = [str(bin_dir / "pg_ctl"), "-D", str(data)]
-    subprocess.run(
-        _as_postgres_user([*pg_ctl, "-w", "-l", str(log), "-o", options, "start"]),
-        check=True,
-        capture_output=True,
-    )
     server = None
     try:
+        subprocess.run(
+            [
+                *_as_postgres_user([str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres"]),
+                "-A",
+                "trust",
+            ],
+            cwd=database,
+            check=True,
+            capture_output=True,
+        )
+        options = f"-p {pg_port} -k {database} -c listen_addresses=127.0.0.1"
+        subprocess.run(
+            _as_postgres_user([*pg_ctl, "-w", "-l", str(log), "-o", options, "start"]),
+            cwd=database,
+            check=True,
+            capture_output=True,
+        )
         subprocess.run(
             [
                 str(bin_dir / "createdb"),
@@ -380,7 +384,12 @@ def tracking_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         if server is not None:
             server.terminate()
             server.wait(timeout=60)
-        subprocess.run(_as_postgres_user([*pg_ctl, "-m", "fast", "stop"]), capture_output=True)
+        if (data / "postmaster.pid").exists():
+            subprocess.run(
+                _as_postgres_user([*pg_ctl, "-m", "fast", "-w", "stop"]),
+                cwd=database,
+                capture_output=True,
+            )
         shutil.rmtree(database, ignore_errors=True)
 
 
