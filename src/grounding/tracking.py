@@ -107,11 +107,12 @@ def relocate_store(uri: str) -> Path | None:
     the folder it was moved from (None when nothing was rewritten).
 
     The embedded store is ``<folder>/mlflow.db`` beside the artifacts in ``<folder>/mlruns``,
-    and MLflow records absolute paths (artifact roots ``file:///<folder>/mlruns/...``, dataset
-    sources, the code path of a model from code). When the experiment's artifacts are found
-    in ``<new folder>/mlruns`` but the store names another folder, every occurrence of the old
-    folder in the store's text becomes the new one. A store shared by several checkouts (its
-    artifacts are not beside it) is left alone; any other store (a server) too."""
+    and MLflow records absolute paths (artifact roots ``file:///<folder>/mlruns/...`` of the
+    experiment, its runs, logged models and model versions; dataset sources). When the runs'
+    artifacts are found in ``<new folder>/mlruns`` but the store names another folder, every
+    occurrence of the old folder in the store's text becomes the new one. A store shared by
+    several checkouts (its artifacts are not beside it) is left alone; any other store (a
+    server) too."""
     with _store_lock(uri):
         return _relocate(uri)
 
