@@ -9,7 +9,7 @@ from pathlib import Path
 
 from grounding import io, tracking, validation
 from grounding.config import flatten, load_params, repo_root, tracking_uri
-from grounding.errors import run
+from grounding.errors import DataError, redact, run
 from grounding.evaluation import plots, report
 from grounding.evaluation.metrics import merged_iou
 from grounding.modeling.device import use_runtime
@@ -89,32 +89,40 @@ def main(argv: list[str] | None = None) -> None:
     print(report.headline(metrics))
 
     if not args.no_mlflow:
+        from mlflow.exceptions import MlflowException
+
         root = repo_root()
         uri = tracking_uri(root)
-        run_id, version, champion = tracking.log_pipeline_run(
-            uri=uri,
-            artifacts_at=tracking.artifact_location(root),
-            params=flatten(asdict(params)),
-            history=io.read_csv(args.history),
-            metrics=metrics,
-            validation_f1=sweep["val_f1"],
-            head=args.model,
-            grounder=args.grounder,
-            artifacts=[args.report, args.metrics, args.details, *figures],
-            datasets=tracking.split_inputs(
-                f"{params.data.format}:{params.data.root.name}",
-                params.data.root.resolve(),
-                {split: args.split / f"{split}.parquet" for split in SPLITS},
-            ),
-            tags=tracking.run_tags(root),
-            started_at=tracking.pipeline_started_at(),
-        )
+        try:
+            run_id, version, champion = tracking.log_pipeline_run(
+                uri=uri,
+                artifacts_at=tracking.artifact_location(root),
+                params=flatten(asdict(params)),
+                history=io.read_csv(args.history),
+                metrics=metrics,
+                validation_f1=sweep["val_f1"],
+                head=args.model,
+                grounder=args.grounder,
+                artifacts=[args.report, args.metrics, args.details, *figures],
+                datasets=tracking.split_inputs(
+                    f"{params.data.format}:{params.data.root.name}",
+                    params.data.root.resolve(),
+                    {split: args.split / f"{split}.parquet" for split in SPLITS},
+                ),
+                tags=tracking.run_tags(root),
+                started_at=tracking.pipeline_started_at(),
+            )
+        except MlflowException as error:  # an unreachable server, refused credentials
+            raise DataError(f"cannot log the run to MLflow at {redact(uri)}: {error}") from None
         registered = f"models:/{tracking.REGISTERED_MODEL}/{version}"
         crowned = f" (now @{tracking.CHAMPION}: best validation F1)" if champion else ""
-        print(f"MLflow run {run_id} in {uri}; grounder registered as {registered}{crowned}")
-        print(
-            f"compare the runs: mlflow ui --backend-store-uri {uri}, then {tracking.runs_page(uri)}"
-        )
+        shown = redact(uri)
+        print(f"MLflow run {run_id} in {shown}; grounder registered as {registered}{crowned}")
+        if uri.startswith(("http://", "https://")):
+            print(f"compare the runs: {tracking.runs_page(uri)}")
+        else:
+            page = tracking.runs_page(uri)
+            print(f"compare the runs: mlflow ui --backend-store-uri {shown}, then {page}")
 
 
 if __name__ == "__main__":

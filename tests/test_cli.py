@@ -580,3 +580,18 @@ def test_demo_without_gradio_says_how_to_get_it_before_loading_a_model(
         cli_main(["demo", "--model", "nowhere.safetensors"])
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error: grounding demo needs gradio, which is not installed")
+
+
+def test_an_unreachable_tracking_server_is_named_without_its_password(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://ann:s3cret@127.0.0.1:9")  # nothing listens
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    (tmp_path / "x.jpg").write_bytes(jpeg_bytes(64, 64))
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["predict", str(tmp_path / "x.jpg"), "--phrase", "a", "--model", "models:/m/1"])
+    assert exit_info.value.code == 1
+    captured = capsys.readouterr()
+    last = captured.err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "http://ann:***@127.0.0.1:9" in last, last
+    assert "s3cret" not in captured.err + captured.out

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import sqlite3
 from pathlib import Path
 
 import mlflow
@@ -18,11 +20,14 @@ from grounding.tracking import (
     EXPERIMENT,
     REGISTERED_MODEL,
     DatasetInput,
+    _crown,
     artifact_location,
+    best_version,
     file_digest,
     log_pipeline_run,
     numeric_metrics,
     pipeline_started_at,
+    relocate_store,
     run_tags,
     split_inputs,
 )
@@ -198,3 +203,84 @@ def test_split_inputs_give_one_input_per_split_with_its_pairs_digest(tmp_path: P
         (split, "flickr30k:sample", str(tmp_path)) for split in ("train", "val", "test")
     ]
     assert inputs[0].digest == inputs[2].digest != inputs[1].digest  # same bytes, same digest
+
+
+def test_best_version_prefers_the_higher_f1_then_the_older_version() -> None:
+    assert best_version({"1": 0.5, "2": 0.7, "3": 0.6}) == "2"
+    assert best_version({"3": 0.7, "10": 0.7, "2": 0.1}) == "3"  # numeric order: 3 before 10
+
+
+class _SlowAliasClient:
+    """A real client whose first alias write waits while ``meanwhile`` runs: the interleaving
+    of two pipelines on a server where one reads the versions before the other tagged its own
+    and writes the alias after the other one did."""
+
+    def __init__(self, client: mlflow.MlflowClient, meanwhile) -> None:
+        self._client, self._meanwhile = client, meanwhile
+
+    def __getattr__(self, name: str):
+        return getattr(self._client, name)
+
+    def set_registered_model_alias(self, *args) -> None:
+        if self._meanwhile is not None:
+            meanwhile, self._meanwhile = self._meanwhile, None
+            meanwhile()
+        self._client.set_registered_model_alias(*args)
+
+
+def test_the_champion_ends_on_the_best_when_two_crown_at_once(tmp_path: Path) -> None:
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client.create_registered_model(REGISTERED_MODEL)
+    worse = client.create_model_version(REGISTERED_MODEL, source="file:///a").version
+    better = client.create_model_version(REGISTERED_MODEL, source="file:///b").version
+    outcomes = {}
+
+    def the_other_pipeline() -> None:  # tags, reads and writes between the first one's steps
+        outcomes["better"] = _crown(client, str(better), 0.9)
+
+    outcomes["worse"] = _crown(_SlowAliasClient(client, the_other_pipeline), str(worse), 0.6)
+    assert outcomes == {"better": True, "worse": False}
+    assert str(client.get_model_version_by_alias(REGISTERED_MODEL, CHAMPION).version) == str(better)
+
+
+def test_a_copied_store_is_relocated_and_never_touches_the_old_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    original.mkdir()
+    _logged_run(original, validation_f1=0.7)
+    shutil.copytree(original, copy)
+    shutil.rmtree(original)
+    uri = f"sqlite:///{copy / 'mlflow.db'}"
+    assert relocate_store(uri) == original
+    assert relocate_store(uri) is None  # already pointing at itself
+    with sqlite3.connect(copy / "mlflow.db") as db:
+        for table, column in (
+            ("experiments", "artifact_location"),
+            ("runs", "artifact_uri"),
+            ("model_versions", "storage_location"),
+        ):
+            values = [value for (value,) in db.execute(f"SELECT {column} FROM {table}")]
+            assert values and all(str(original) not in str(v) for v in values), (table, values)
+    stand_ins.install(monkeypatch)
+    mlflow.set_tracking_uri(uri)
+    served = mlflow.pyfunc.load_model(f"models:/{REGISTERED_MODEL}@{CHAMPION}")
+    assert served.unwrap_python_model().grounder.threshold == 0.5
+    _, _, (_, version, crowned) = _logged_run(copy, validation_f1=0.9)
+    assert (version, crowned) == ("2", True)
+    assert not original.exists()  # the new run wrote nothing into the old folder
+    assert (copy / "mlruns").is_dir()
+
+
+def test_a_store_whose_artifacts_live_elsewhere_is_left_alone(tmp_path: Path) -> None:
+    checkout, shared = tmp_path / "checkout", tmp_path / "shared"
+    checkout.mkdir()
+    _logged_run(checkout, validation_f1=0.7)
+    shared.mkdir()
+    (checkout / "mlflow.db").rename(shared / "mlflow.db")  # artifacts stay in the checkout
+    assert relocate_store(f"sqlite:///{shared / 'mlflow.db'}") is None
+    with sqlite3.connect(shared / "mlflow.db") as db:
+        (location,) = db.execute(
+            "SELECT artifact_location FROM experiments WHERE name = ?", (EXPERIMENT,)
+        ).fetchone()
+    assert location == artifact_location(checkout)

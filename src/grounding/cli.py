@@ -24,7 +24,7 @@ from grounding import io
 from grounding.data.formats import FORMATS
 from grounding.data.sample import SAMPLE_ROOT, from_sample
 from grounding.errors import ConfigError, DataError, run
-from grounding.inference.loading import PRETRAINED_NAME, load_grounder
+from grounding.inference.loading import PRETRAINED_NAME, is_mlflow_uri, load_grounder
 from grounding.inference.onnx_grounder import EXPORT_FORMATS
 
 if TYPE_CHECKING:
@@ -95,7 +95,13 @@ def _one_file(source: str) -> bool:
 def _load(args: argparse.Namespace) -> Grounder:
     """The grounder ``--model`` names (the packaged one by default) on ``--device``, named on
     stderr: every answer says which model gave it."""
-    grounder = load_grounder(_model_or_pretrained(args.model), args.device, where="--device")
+    model = _model_or_pretrained(args.model)
+    if is_mlflow_uri(model):  # a store copied or moved with its checkout reads its own artifacts
+        from grounding import tracking
+        from grounding.config import repo_root, tracking_uri
+
+        tracking.relocate_store(tracking_uri(repo_root()))
+    grounder = load_grounder(model, args.device, where="--device")
     print(f"model: {grounder.describe()}", file=sys.stderr)
     return grounder
 

@@ -8,8 +8,18 @@ of the package, so every other module may import it.
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable
+
+#: ``scheme://user:password@host``: the password of a URI's user information
+_PASSWORD = re.compile(r"(?P<keep>[a-zA-Z][a-zA-Z0-9+.-]*://[^/@\s:]*):[^/@\s]*@")
+
+
+def redact(text: str) -> str:
+    """``text`` with the password of every URI in it replaced by ``***``
+    (``http://ann:secret@host`` -> ``http://ann:***@host``): what may be printed or logged."""
+    return _PASSWORD.sub(r"\g<keep>:***@", text)
 
 
 class DataError(Exception):
@@ -37,9 +47,10 @@ USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataError)
 
 
 def run(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:
-    """Call ``main(argv)``; on a user error print ``error: <message>`` and exit with 1."""
+    """Call ``main(argv)``; on a user error print ``error: <message>`` (the password of any URI
+    in it masked) and exit with 1."""
     try:
         main(argv)
     except USER_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {redact(str(error))}", file=sys.stderr)
         raise SystemExit(1) from None

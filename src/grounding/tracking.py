@@ -11,10 +11,14 @@ started. The experiment is marked as a model-training one, and the registered mo
 the grounder is a model from code (:mod:`grounding.inference.mlflow_model`) with safetensors
 weights.
 
-The store defaults to ``sqlite:///<repo>/mlflow.db``; ``MLFLOW_TRACKING_URI`` overrides it.
+The store defaults to ``sqlite:///<repo>/mlflow.db`` with the artifacts in ``<repo>/mlruns``;
+``MLFLOW_TRACKING_URI`` overrides it (a team's ``mlflow server``: docs/collaboration.md).
 Queued DVC experiments run in copies of the repository, so ``<repo>`` is ``DVC_ROOT`` (the
-original checkout) when DVC sets it. Writers take a file lock: two processes creating the
-same fresh SQLite store at once fail otherwise.
+original checkout) when DVC sets it. Writers of a SQLite store take a file lock: two processes
+creating the same fresh store at once fail otherwise. MLflow records absolute paths in the
+store; :func:`relocate_store` rewrites them when the checkout was copied or moved, so that it
+never reads from or writes into the old folder. A server has no such lock: two pipelines
+finishing together each register their version, and :func:`_crown` converges on the best one.
 """
 
 from __future__ import annotations
@@ -23,14 +27,16 @@ import fcntl
 import hashlib
 import math
 import os
+import sqlite3
 import subprocess
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, unquote, urlsplit
 
 import pandas as pd
 
@@ -70,13 +76,18 @@ def run_tags(root: Path) -> dict[str, str]:
     }
 
 
+def _sqlite_file(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI, None for any other store."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
 @contextmanager
 def _store_lock(uri: str) -> Iterator[None]:
     """Hold an exclusive lock beside a SQLite store while writing to it."""
-    if not uri.startswith("sqlite:///"):
+    database = _sqlite_file(uri)
+    if database is None:
         yield
         return
-    database = Path(uri.removeprefix("sqlite:///"))
     database.parent.mkdir(parents=True, exist_ok=True)
     with open(f"{database}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -84,6 +95,60 @@ def _store_lock(uri: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def relocate_store(uri: str) -> Path | None:
+    """Make a SQLite store that was copied or moved with its checkout point at itself; returns
+    the folder it was moved from (None when nothing was rewritten).
+
+    The embedded store is ``<folder>/mlflow.db`` beside the artifacts in ``<folder>/mlruns``,
+    and MLflow records absolute paths (artifact roots ``file:///<folder>/mlruns/...`` of the
+    experiment, its runs, logged models and model versions; dataset sources). When the runs'
+    artifacts are found in ``<new folder>/mlruns`` but the store names another folder, every
+    occurrence of the old folder in the store's text becomes the new one. A store shared by
+    several checkouts (its artifacts are not beside it) is left alone; any other store (a
+    server) too."""
+    database = _sqlite_file(uri)
+    if database is None or not database.is_file():  # nothing to move, and no lock file made
+        return None
+    with _store_lock(uri):
+        return _relocate(uri)
+
+
+def _relocate(uri: str) -> Path | None:
+    database = _sqlite_file(uri)
+    if database is None or not database.is_file():
+        return None
+    folder = database.resolve().parent
+    with closing(sqlite3.connect(database)) as db, db:
+        tables = {
+            name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        }
+        if "experiments" not in tables:
+            return None
+        found = db.execute(
+            "SELECT experiment_id, artifact_location FROM experiments WHERE name = ?",
+            (EXPERIMENT,),
+        ).fetchone()
+        if found is None or not str(found[1]).startswith("file://"):
+            return None
+        old = Path(unquote(urlsplit(found[1]).path)).parent
+        runs = db.execute("SELECT run_uuid FROM runs WHERE experiment_id = ?", (found[0],))
+        if old == folder or not any((folder / "mlruns" / run).is_dir() for (run,) in runs):
+            return None
+        # as written in paths, and as written in file URIs (percent-encoded)
+        rewrites = {f"{old}/": f"{folder}/", f"{quote(str(old))}/": f"{quote(str(folder))}/"}
+        for table in sorted(tables):
+            columns = db.execute(f'PRAGMA table_info("{table}")').fetchall()
+            texts = [c[1] for c in columns if "CHAR" in c[2].upper() or "TEXT" in c[2].upper()]
+            for column in texts:
+                for before, after in rewrites.items():
+                    db.execute(
+                        f'UPDATE "{table}" SET "{column}" = replace("{column}", ?, ?) '
+                        f'WHERE instr("{column}", ?) > 0',
+                        (before, after, before),
+                    )
+    return old
 
 
 def numeric_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -169,14 +234,18 @@ def log_pipeline_run(
     registered as :data:`REGISTERED_MODEL`, and whether that version became the
     :data:`CHAMPION` (its ``validation_f1`` beats the champion's; ties keep the older one).
 
-    ``artifacts_at`` is the artifact location given to the experiment if this creates it;
+    ``artifacts_at`` is the artifact location given to the experiment if this creates it in a
+    SQLite store (a server's experiment gets the server's own);
     ``params`` are already flat (``train.pos_weight``); ``history`` has an ``epoch`` column
     and one column per metric; ``head`` and ``grounder`` are weights files
     (:mod:`grounding.io.weights`), the grounder logged as a pyfunc model from code;
     ``started_at`` is when the pipeline run began (default: now). A run left RUNNING by a
-    report stage that was killed is marked FAILED first.
+    report stage that was killed is marked FAILED first (in a SQLite store only). A SQLite
+    store copied or moved with its checkout is relocated first (:func:`relocate_store`).
     """
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # MLflow prints a server's run address with the URI's password; the stage prints its own
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     import mlflow
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
@@ -184,18 +253,17 @@ def log_pipeline_run(
     from grounding.inference.serving import SIGNATURE
 
     with _store_lock(uri):
+        _relocate(uri)
         mlflow.set_tracking_uri(uri)
         client = mlflow.MlflowClient()
-        experiment = mlflow.get_experiment_by_name(EXPERIMENT)
-        experiment_id = (
-            experiment.experiment_id
-            if experiment is not None
-            else mlflow.create_experiment(EXPERIMENT, artifact_location=artifacts_at)
-        )
+        # a server keeps the artifacts itself (--serve-artifacts): no folder of this checkout
+        experiment_id = _experiment_id(client, artifacts_at if _sqlite_file(uri) else None)
         client.set_experiment_tag(experiment_id, *EXPERIMENT_KIND)
-        # every writer holds the lock while its run is open: a RUNNING run seen now was killed
-        for stale in client.search_runs([experiment_id], "attributes.status = 'RUNNING'"):
-            client.set_terminated(stale.info.run_id, status="FAILED")
+        if _sqlite_file(uri) is not None:
+            # every writer holds the lock while its run is open: a RUNNING run seen now was
+            # killed (a server has no such lock: another person's run may be running)
+            for stale in client.search_runs([experiment_id], "attributes.status = 'RUNNING'"):
+                client.set_terminated(stale.info.run_id, status="FAILED")
         created = client.create_run(
             experiment_id,
             start_time=int(1000 * (started_at if started_at is not None else time.time())),
@@ -235,30 +303,70 @@ def log_pipeline_run(
         return run.info.run_id, version, _crown(client, version, float(validation_f1))
 
 
-def _crown(client: Any, version: str, validation_f1: float) -> bool:
-    """Tag ``version`` with its validation F1; move :data:`CHAMPION` to it if it beats the
-    champion's. Returns whether it did."""
+def _experiment_id(client: Any, artifacts_at: str | None) -> str:
+    """The id of :data:`EXPERIMENT`, created with ``artifacts_at`` if it does not exist (on a
+    server, another pipeline may create it at the same moment: then that one is used)."""
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    if experiment is not None:
+        return str(experiment.experiment_id)
+    try:
+        return str(client.create_experiment(EXPERIMENT, artifact_location=artifacts_at))
+    except MlflowException:
+        experiment = client.get_experiment_by_name(EXPERIMENT)
+        if experiment is None:
+            raise
+        return str(experiment.experiment_id)
+
+
+def best_version(tagged: Mapping[str, float]) -> str:
+    """The version with the best validation F1 of ``{version: val_f1}``; a tie goes to the
+    older (lower) version."""
+    return min(tagged, key=lambda version: (-tagged[version], int(version)))
+
+
+def _crown(client: Any, version: str, validation_f1: float, *, rounds: int = 20) -> bool:
+    """Tag ``version`` with its validation F1, then point :data:`CHAMPION` at the best tagged
+    version and return whether that is ``version``.
+
+    Two pipelines finishing together on a server may each read the versions before the other
+    tagged its own, and the later alias write wins. So each one, after writing, reads again
+    until the alias it reads is the best version it reads: the last writer reads after every
+    version was tagged (each tags before its first read), so the alias ends on the best."""
     from mlflow.exceptions import MlflowException
 
     client.set_model_version_tag(REGISTERED_MODEL, version, "val_f1", repr(validation_f1))
-    try:
-        champion = client.get_model_version_by_alias(REGISTERED_MODEL, CHAMPION)
-        best = float(champion.tags.get("val_f1", "-inf"))
-    except MlflowException:  # no champion yet
-        best = -math.inf
-    if validation_f1 > best:
-        client.set_registered_model_alias(REGISTERED_MODEL, CHAMPION, version)
-        return True
-    return False
+    for _ in range(rounds):
+        tagged = {
+            str(each.version): float(each.tags["val_f1"])
+            for each in client.search_model_versions(f"name = '{REGISTERED_MODEL}'")
+            if "val_f1" in each.tags
+        }
+        best = best_version(tagged)
+        try:
+            current = str(client.get_model_version_by_alias(REGISTERED_MODEL, CHAMPION).version)
+        except MlflowException:  # no champion yet
+            current = None
+        if current == best:
+            return best == version
+        client.set_registered_model_alias(REGISTERED_MODEL, CHAMPION, best)
+    raise RuntimeError(f"@{CHAMPION} still moving after {rounds} rounds")
 
 
 def runs_page(uri: str) -> str | None:
-    """The ``#/experiments/<id>/runs`` address of the experiment in ``mlflow ui`` (the UI
-    opens an experiment on its GenAI overview otherwise), None if it does not exist yet."""
+    """The ``#/experiments/<id>/runs`` address of the experiment in the UI (the UI opens an
+    experiment on its GenAI overview otherwise): on the server of an ``http(s)`` store
+    (without its credentials), else on a local ``mlflow ui``; None if it does not exist yet."""
     import mlflow
 
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.get_experiment_by_name(EXPERIMENT)
     if experiment is None:
         return None
-    return f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs"
+    parts = urlsplit(uri)
+    server = "http://127.0.0.1:5000"
+    if parts.scheme in ("http", "https"):
+        port = f":{parts.port}" if parts.port else ""
+        server = f"{parts.scheme}://{parts.hostname}{port}{parts.path.rstrip('/')}"
+    return f"{server}/#/experiments/{experiment.experiment_id}/runs"

@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from grounding.errors import DataError
+from grounding.errors import DataError, redact
 from grounding.inference.grounder import Grounder
 from grounding.inference.onnx_grounder import is_onnx_export, load_export
 
@@ -160,7 +160,7 @@ def _from_mlflow_uri(model: str) -> Grounder:
             named = f"{store} (registry {registry})" if registry not in (None, store) else store
             message = " ".join(str(error).split())
             raise DataError(
-                f"{model}: cannot load the model in the store {named} ({message})"
+                redact(f"{model}: cannot load the model in the store {named} ({message})")
             ) from None
         if not (folder / "MLmodel").is_file():
             raise DataError(f"{model}: not an MLflow model (no MLmodel file among its artifacts)")
