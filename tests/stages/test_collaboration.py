@@ -80,6 +80,11 @@ def _clone(published: Published, where: Path, **changes: str | None) -> dict[str
     return _env(where, published.home, **changes)
 
 
+def _printed_json(printed: str) -> dict:
+    """The JSON that `grounding predict` printed (MLflow's progress bars may follow it)."""
+    return json.JSONDecoder().raw_decode(printed, printed.index("{"))[0]
+
+
 def _clean_status(work: Path, env: dict[str, str]) -> str:
     return run(["dvc", "status"], work, env)
 
@@ -140,7 +145,16 @@ def test_a_fresh_clone_pulls_main_and_needs_no_training(
         clone,
         env,
     )
-    assert json.loads(printed[printed.index("{") :])["phrases"][0]["boxes"]
+    assert _printed_json(printed)["phrases"][0]["boxes"]
+
+
+def test_dvc_get_fetches_the_model_and_the_metrics_from_the_repository(
+    published: Published, tmp_path: Path
+) -> None:
+    for name in ("models/grounder.safetensors", "reports/metrics.json"):  # DVC's, and git's
+        out = tmp_path / Path(name).name
+        run(["dvc", "get", str(published.work), name, "-o", str(out)], tmp_path, published.env)
+        assert out.read_bytes() == (published.work / name).read_bytes(), name
 
 
 # --- a real SSH server --------------------------------------------------------------------
@@ -289,7 +303,7 @@ def test_a_copied_checkout_logs_and_predicts_from_its_own_store(
             second,
             env,
         )
-        assert json.loads(printed[printed.index("{") :])["phrases"], model
+        assert _printed_json(printed)["phrases"], model
     assert not first.exists()  # nothing wrote into the deleted checkout
     assert _tree(published.work / "mlruns") == original_store  # nor into the one copied
     texts = _store_texts(second / "mlflow.db")
@@ -480,4 +494,4 @@ def test_two_clones_run_experiments_at_once_against_a_tracking_server(
         clone,
         env,
     )
-    assert json.loads(printed_model[printed_model.index("{") :])["phrases"]
+    assert _printed_json(printed_model)["phrases"]
