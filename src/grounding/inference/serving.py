@@ -7,7 +7,9 @@ Output: one row per phrase and box: ``row`` (the input row), ``phrase``, ``rank`
 has no box). Param ``top_k`` (default 1): boxes per phrase.
 
 The model runs on the device that the environment variable ``GROUNDING_DEVICE`` names
-(``auto``, the default: a GPU if torch sees one; ``cpu``; ``cuda``; ``cuda:N``).
+(``auto``, the default: a GPU if torch sees one; ``cpu``; ``cuda``; ``cuda:N``), with the CPU
+kernels that ``GROUNDING_NUMERICS`` names (``portable``, the default, or ``fast``:
+:mod:`grounding.numerics`).
 
 The image is base64 (line breaks, as GNU ``base64`` writes by default, are ignored), with or
 without a ``data:image/...;base64,`` prefix. Bad input (a null or non-string image or phrase,
@@ -38,9 +40,10 @@ from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from PIL import Image
 
-from grounding.errors import DataError
+from grounding.errors import ConfigError, DataError
 from grounding.inference.grounder import Grounder
 from grounding.io.images import decode_image as decode_image_bytes
+from grounding.numerics import NUMERICS_VARIABLE, check_numerics, use_numerics
 
 _log = logging.getLogger(__name__)
 
@@ -180,6 +183,17 @@ def predict_table(grounder: Grounder, table: pd.DataFrame, *, top_k: int) -> pd.
     return result.astype(object).where(result.notna(), None)  # JSON null, not NaN
 
 
+def _fix_numerics() -> None:
+    """The CPU kernels that ``GROUNDING_NUMERICS`` names (default ``portable``), fixed before
+    the grounder loads torch; a warning in the log where the host loaded torch first (its
+    kernels then stay what they were)."""
+    mode = check_numerics(os.environ.get(NUMERICS_VARIABLE, "portable"), NUMERICS_VARIABLE)
+    try:
+        use_numerics(mode, NUMERICS_VARIABLE)
+    except ConfigError as error:  # the mode is valid: torch was loaded first
+        _log.warning("%s", error)
+
+
 class GrounderModel(mlflow.pyfunc.PythonModel):
     """The pyfunc wrapper; its one artifact ``grounder`` is the grounder's weights file, or the
     folder of its ONNX export (``grounding export``), which runs with onnxruntime."""
@@ -187,6 +201,7 @@ class GrounderModel(mlflow.pyfunc.PythonModel):
     grounder: Grounder
 
     def load_context(self, context: Any) -> None:
+        _fix_numerics()
         from grounding.inference.onnx_grounder import OnnxGrounder, is_onnx_export
         from grounding.io.weights import read_weights
         from grounding.modeling.device import resolve_device
