@@ -58,7 +58,9 @@ def main(argv: list[str] | None = None) -> None:
             image_size=cfg.image_size,
             batch_size=cfg.batch_size,
             context=cfg.context,
-            workers=loader_workers(device, resolve_threads(params.runtime.threads)),
+            workers=loader_workers(
+                device, resolve_threads(params.runtime.threads, numerics=params.runtime.numerics)
+            ),
             load_backbone=partial(
                 load_backbone, cfg.backbone, cfg.backbone_weights, device=ray_device(cfg.ray)
             ),

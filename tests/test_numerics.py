@@ -30,6 +30,7 @@ def test_portable_asks_every_x86_64_cpu_with_avx2_for_the_avx2_kernels() -> None
             "MKL_CBWR": "AVX2",
             "ONEDNN_MAX_CPU_ISA": "AVX2",
             "ATEN_CPU_CAPABILITY": "avx2",
+            "OMP_NUM_THREADS": "2",
         }
         assert bytes_are_portable("portable", "x86_64", flags)
 
@@ -57,7 +58,7 @@ def test_cpu_flags_reads_the_first_cpu(tmp_path: Path) -> None:
 
 
 def test_a_misspelled_mode_names_the_setting() -> None:
-    with pytest.raises(ConfigError, match="runtime.numerics: 'portabel' is not one of portable"):
+    with pytest.raises(ConfigError, match=r"runtime\.numerics: 'portabel' is not one of portable"):
         check_numerics("portabel")
 
 

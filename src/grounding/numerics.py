@@ -12,10 +12,12 @@
 - ``fast``: whatever this CPU and the environment choose (AVX-512, AMX ...): the same bytes
   run after run on one machine, other bytes on another.
 
-The thread count is ``runtime.threads`` (:mod:`grounding.modeling.device`), a param of every
-stage that computes. All three variables are read when torch's libraries load, so
-:func:`use_numerics` must run before anything imports torch; it refuses (``ConfigError``) when
-torch is already loaded with other settings rather than leave them silently ineffective.
+The thread count changes the bytes too: ``portable`` runs :data:`PORTABLE_THREADS` threads
+where ``runtime.threads`` is ``auto`` (:mod:`grounding.modeling.device`), and sets
+``OMP_NUM_THREADS`` (torch's default count: predict, a served model) to it. These variables
+are read when torch's libraries load, so :func:`use_numerics` must run before anything
+imports torch; it refuses (``ConfigError``) when torch is already loaded with other settings
+rather than leave them silently ineffective.
 This module imports nothing heavy.
 """
 
@@ -33,6 +35,10 @@ Numerics = Literal["portable", "fast"]
 NUMERICS: tuple[Numerics, ...] = ("portable", "fast")
 #: The environment variable a served model reads its numerics from (default ``portable``).
 NUMERICS_VARIABLE = "GROUNDING_NUMERICS"
+#: Torch's CPU threads in ``portable`` where ``runtime.threads`` is ``auto``, and for predict
+#: and a served model: the backbone's sums are split by thread (1 and 2 threads give other
+#: feature bytes), so the count must not follow the machine's CPUs.
+PORTABLE_THREADS = 2
 #: What ``portable`` sets on an x86-64 CPU with AVX2 (each is read as torch's libraries load).
 PORTABLE_ENVIRONMENT = {
     # MKL's conditional numerical reproducibility: its AVX2 code path on every CPU that has
@@ -42,6 +48,8 @@ PORTABLE_ENVIRONMENT = {
     "ONEDNN_MAX_CPU_ISA": "AVX2",
     # ATen's vectorised kernels (pooling, RoIAlign's arithmetic, softmax ...) at AVX2
     "ATEN_CPU_CAPABILITY": "avx2",
+    # torch's default thread count where none is set (predict, a served model)
+    "OMP_NUM_THREADS": str(PORTABLE_THREADS),
 }
 _CPUINFO = Path("/proc/cpuinfo")
 
