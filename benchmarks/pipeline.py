@@ -2,9 +2,12 @@
 experiment, a no-op `dvc repro`, and feature-extraction throughput on real images.
 
 Runs in a temporary copy of the repository (nothing here is touched) and prints a table;
-``--out`` also writes the figures as JSON.
+``--out`` also writes the figures as JSON. ``--numerics`` runs both with that
+``runtime.numerics`` (portable: AVX2 kernels on every CPU; fast: this CPU's newest);
+``--no-repro`` times only the feature throughput (what the numerics change the most).
 
     python -m benchmarks.pipeline --out benchmarks/pipeline.json
+    python -m benchmarks.pipeline --no-repro --numerics fast --n-images 30
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import time
 from pathlib import Path
 
 from benchmarks import REPO, SHARED_DATA
+from grounding.numerics import NUMERICS, use_numerics
 from tests.repository import commit, run, scratch_repo
 
 REAL_IMAGES = SHARED_DATA / "images"
@@ -30,6 +34,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--images", type=Path, default=REAL_IMAGES, help="real JPEGs for the throughput"
     )
     parser.add_argument("--n-images", type=int, default=100, help="how many real images to time")
+    parser.add_argument(
+        "--numerics", choices=NUMERICS, default="portable", help="runtime.numerics (%(default)s)"
+    )
+    parser.add_argument("--no-repro", action="store_true", help="only the feature throughput")
     return parser.parse_args(argv)
 
 
@@ -39,9 +47,14 @@ def _timed(args: list[str], work: Path, env: dict[str, str]) -> float:
     return time.perf_counter() - start
 
 
-def pipeline_times(work: Path) -> dict[str, float]:
-    """Seconds for a full `dvc repro`, the pos_weight experiment and a no-op `dvc repro`."""
+def pipeline_times(work: Path, numerics: str) -> dict[str, float]:
+    """Seconds for a full `dvc repro`, the pos_weight experiment and a no-op `dvc repro`, with
+    ``numerics`` as runtime.numerics."""
     env = scratch_repo(work)
+    params = work / "params.yaml"
+    text = params.read_text(encoding="utf-8")
+    params.write_text(text.replace("numerics: portable", f"numerics: {numerics}", 1))
+    commit(work, env, f"numerics {numerics}")
     times = {"full_repro_s": _timed(["dvc", "repro"], work, env)}
     commit(work, env, "lock")
     experiment = ["dvc", "exp", "run", "-S", "train.pos_weight=3"]
@@ -85,8 +98,11 @@ def feature_throughput(images: Path, n_images: int) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    with tempfile.TemporaryDirectory() as work:
-        results: dict[str, float | str] = pipeline_times(Path(work))
+    use_numerics(args.numerics, "--numerics")  # before the throughput loads torch
+    results: dict[str, float | str] = {"numerics": args.numerics}
+    if not args.no_repro:
+        with tempfile.TemporaryDirectory() as work:
+            results.update(pipeline_times(Path(work), args.numerics))
     results.update(feature_throughput(args.images, args.n_images))
     for name, value in results.items():
         print(f"{name:32} {value:.3f}" if isinstance(value, float) else f"{name:32} {value}")

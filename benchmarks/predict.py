@@ -24,6 +24,7 @@ the real images, written to reports/ (JSON and a Markdown table):
 
     python -m benchmarks.predict --model src/grounding/pretrained/flickr30k.safetensors \
         --onnx export --out reports/predict-real.json
+    python -m benchmarks.predict --numerics fast   # torch's kernels: this CPU's newest
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import REPO, SHARED_DATA
+from grounding.numerics import NUMERICS, use_numerics
 
 REAL_IMAGES = SHARED_DATA / "images"
 PHRASES = (
@@ -71,13 +73,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--batch-images", type=int, default=20, help="images of the batch command (0: none)"
     )
     parser.add_argument("--out", type=Path, help="write the figures here (JSON)")
+    parser.add_argument(
+        "--numerics",
+        choices=NUMERICS,
+        default="portable",
+        help="torch's CPU kernels, in the commands and in this process (%(default)s)",
+    )
     return parser.parse_args(argv)
 
 
-def command_seconds(image: Path, model: str, cache: Path) -> tuple[float, float]:
+def command_seconds(image: Path, model: str, cache: Path, numerics: str) -> tuple[float, float]:
     """Wall and CPU seconds of one fresh `grounding predict` command."""
     args = [sys.executable, "-m", "grounding.cli", "predict", str(image), "--model", model]
-    args += ["--cache", str(cache)]
+    args += ["--cache", str(cache), "--numerics", numerics]
     for phrase in PHRASES:
         args += ["--phrase", phrase]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -89,7 +97,9 @@ def command_seconds(image: Path, model: str, cache: Path) -> tuple[float, float]
     return wall, cpu
 
 
-def commands(images: list[Path], model: str, work: Path, runs: int) -> dict[str, float]:
+def commands(
+    images: list[Path], model: str, work: Path, runs: int, numerics: str
+) -> dict[str, float]:
     """Medians of cold (fresh cache) and cached commands over images and runs."""
     kinds = ("cold", "cold_cpu", "cached", "cached_cpu")
     times: dict[str, list[float]] = {key: [] for key in kinds}
@@ -97,7 +107,7 @@ def commands(images: list[Path], model: str, work: Path, runs: int) -> dict[str,
         cache = work / f"cache-{run}"
         for kind in ("cold", "cached"):
             for image in images:
-                wall, cpu = command_seconds(image, model, cache)
+                wall, cpu = command_seconds(image, model, cache, numerics)
                 times[kind].append(wall)
                 times[f"{kind}_cpu"].append(cpu)
     return {f"command_{key}_s": statistics.median(values) for key, values in times.items()}
@@ -159,10 +169,16 @@ def agreement(torch_found: list, onnx_found: list) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    use_numerics(args.numerics, "--numerics")  # before in_process loads torch
     images = sorted(args.images.glob("*.jpg"))[: args.n_images]
     if not images:
         raise SystemExit(f"no .jpg images in {args.images}")
-    results: dict[str, Any] = {"images": len(images), "phrases": len(PHRASES), "runs": args.runs}
+    results: dict[str, Any] = {
+        "images": len(images),
+        "phrases": len(PHRASES),
+        "runs": args.runs,
+        "numerics": args.numerics,
+    }
     batch = sorted(args.images.glob("*.jpg"))[: args.batch_images]
     results["batch_images"] = len(batch)
     found = {}
@@ -179,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
             )
         models = {"torch": args.model, **({"onnx": str(onnx)} if onnx else {})}
         for name, model in models.items():
-            figures = commands(images, model, work / f"{name}-commands", args.runs)
+            figures = commands(images, model, work / f"{name}-commands", args.runs, args.numerics)
             inside, found[name] = in_process(images, model, work / f"{name}-process")
             results[name] = {**figures, **inside}
             if batch:

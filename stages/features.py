@@ -16,6 +16,7 @@ from grounding.modeling.device import gpu_memory_hint, loader_workers, resolve_t
 from grounding.modeling.engines import SHARDS, feature_engine, ray_device
 from grounding.modeling.region_features import region_dim
 from grounding.modeling.text import distinct_phrases, encode_phrases, load_text_encoder
+from grounding.numerics import use_numerics
 from grounding.schemas import FeaturesMeta
 
 
@@ -32,6 +33,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     params = load_params(args.params)
+    use_numerics(params.runtime.numerics)  # before torch loads
     cfg = params.features
     engine = feature_engine(cfg.engine)
     device = use_runtime(params.runtime)
@@ -56,7 +58,9 @@ def main(argv: list[str] | None = None) -> None:
             image_size=cfg.image_size,
             batch_size=cfg.batch_size,
             context=cfg.context,
-            workers=loader_workers(device, resolve_threads(params.runtime.threads)),
+            workers=loader_workers(
+                device, resolve_threads(params.runtime.threads, numerics=params.runtime.numerics)
+            ),
             load_backbone=partial(
                 load_backbone, cfg.backbone, cfg.backbone_weights, device=ray_device(cfg.ray)
             ),

@@ -13,7 +13,7 @@ from grounding.errors import DataError, redact, run
 from grounding.evaluation import plots, report
 from grounding.evaluation.metrics import merged_iou
 from grounding.modeling.device import use_runtime
-from grounding.modeling.scoring import TrainedHead
+from grounding.numerics import use_numerics
 from grounding.schemas import SPLITS
 
 
@@ -46,6 +46,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     params = load_params(args.params)
+    use_numerics(params.runtime.numerics)
+    # torch loads with these imports: after the numerics are fixed
+    from grounding.modeling.scoring import TrainedHead
+
     device = use_runtime(params.runtime)
     trained = TrainedHead.from_weights(*io.read_weights(args.model)).to(device)
     pairs = io.read_table(args.split / "test.parquet")

@@ -15,7 +15,7 @@ from grounding.evaluation import plots
 from grounding.evaluation.metrics import best_threshold, pair_scores, thin, threshold_sweep
 from grounding.inference.grounder import TrainedOn, grounder_weights
 from grounding.modeling.device import use_runtime
-from grounding.modeling.scoring import TrainedHead
+from grounding.numerics import use_numerics
 from grounding.schemas import SPLITS
 
 PLOT_POINTS = 400
@@ -39,6 +39,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     params = load_params(args.params)
+    use_numerics(params.runtime.numerics)
+    # torch loads with these imports: after the numerics are fixed
+    from grounding.modeling.scoring import TrainedHead
+
     device = use_runtime(params.runtime)
     trained = TrainedHead.from_weights(*io.read_weights(args.model)).to(device)
     pairs = io.read_table(args.split / "val.parquet", ["phrase_id", "region_id", "label"])

@@ -13,8 +13,7 @@ from grounding.config import load_params
 from grounding.errors import run
 from grounding.evaluation import plots
 from grounding.modeling.device import gpu_memory_hint, use_runtime
-from grounding.modeling.scoring import PairFeatures, TrainedHead
-from grounding.modeling.train import TrainingPairs, train_head
+from grounding.numerics import use_numerics
 
 #: What the validation scores read of the validation pairs (not ``image_id``).
 VAL_COLUMNS = ("phrase_id", "region_id", "iou", "label")
@@ -37,6 +36,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     all_params = load_params(args.params)
+    use_numerics(all_params.runtime.numerics)
+    # torch loads with these imports: after the numerics are fixed
+    from grounding.modeling.scoring import PairFeatures, TrainedHead
+    from grounding.modeling.train import TrainingPairs, train_head
+
     params = all_params.train
     device = use_runtime(all_params.runtime, small_tensors=True)
     *arrays, meta = io.read_features(args.features)

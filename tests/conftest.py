@@ -35,6 +35,11 @@ from repository import SHARED_DATA
 
 from grounding.data.formats.flickr30k import AnnotationFiles, Flickr30kReader, SplitList
 from grounding.data.tables import ParsedDataset, build_tables
+from grounding.numerics import use_numerics
+
+# the pipeline's default CPU kernels for every test, fixed before any test loads torch (a stage
+# called in this process refuses to run on kernels its runtime.numerics did not choose)
+use_numerics("portable")
 
 __all__ = ["REPO_ROOT", "SHARED_DATA"]
 

@@ -13,6 +13,7 @@ from imports import SOURCE, imported_modules, module_file
 
 LAYERS = (
     "errors",
+    "numerics",
     "boxes",
     "schemas",
     "config",

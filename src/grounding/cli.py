@@ -26,6 +26,7 @@ from grounding.data.sample import SAMPLE_ROOT, from_sample
 from grounding.errors import ConfigError, DataError, run
 from grounding.inference.loading import PRETRAINED_NAME, is_mlflow_uri, load_grounder
 from grounding.inference.onnx_grounder import EXPORT_FORMATS
+from grounding.numerics import NUMERICS, use_numerics
 
 if TYPE_CHECKING:
     from grounding.inference.grounder import Grounder
@@ -50,6 +51,7 @@ def _sample(args: argparse.Namespace) -> None:
 
 
 def _predict(args: argparse.Namespace) -> None:
+    use_numerics(args.numerics, "--numerics")  # first: before anything loads torch
     from grounding.config import check_device_spec
     from grounding.inference.batch import check_threshold
     from grounding.inference.grounder import check_phrases, phrases_from_caption
@@ -297,6 +299,7 @@ def _check_output(folder: Path, names: Iterable[Path], *, force: bool) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
+    use_numerics(args.numerics, "--numerics")  # first: before anything loads torch
     started = time.perf_counter()
     grounder = load_grounder(args.model, "cpu", where="--device")
     print(f"model: {grounder.describe()}", file=sys.stderr)
@@ -447,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="auto (a GPU if torch sees one), cpu, cuda or cuda:N (default %(default)s)",
     )
+    _numerics_argument(predict)
     predict.set_defaults(handler=_predict)
 
     demo = commands.add_parser(
@@ -546,8 +550,19 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--out", type=Path, default=Path("models/grounder-onnx"), help="folder (%(default)s)"
     )
+    _numerics_argument(export)
     export.set_defaults(handler=_export)
     return parser
+
+
+def _numerics_argument(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--numerics",
+        choices=NUMERICS,
+        default="portable",
+        help="torch's CPU kernels: portable (the same bytes on every x86-64 CPU with AVX2) or "
+        "fast (this CPU's newest); default %(default)s",
+    )
 
 
 def _main(argv: list[str] | None) -> None:

@@ -20,6 +20,7 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 
 from grounding.errors import ConfigError
+from grounding.numerics import check_numerics
 
 
 @dataclass(frozen=True)
@@ -211,13 +212,17 @@ def check_device_spec(spec: str, where: str = "runtime.device") -> str:
 class RuntimeParams:
     """Where the stages that compute (features, train, sweep, report) run: ``device`` is
     ``auto`` (a GPU if torch sees one), ``cpu``, ``cuda`` or ``cuda:N``; ``threads`` is torch's
-    CPU threads, ``auto`` for the CPUs this process may use."""
+    CPU threads, ``auto`` for the CPUs this process may use; ``numerics`` is ``portable`` (the
+    same float bytes on every x86-64 CPU with AVX2) or ``fast`` (this CPU's newest kernels):
+    :mod:`grounding.numerics`."""
 
     device: str
     threads: int | Literal["auto"]
+    numerics: Literal["portable", "fast"]
 
     def __post_init__(self) -> None:
         check_device_spec(self.device)
+        check_numerics(self.numerics)
         if self.threads != "auto" and self.threads < 1:
             raise ConfigError(f"runtime.threads: expected auto or >= 1, got {self.threads}")
 

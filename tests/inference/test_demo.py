@@ -24,8 +24,8 @@ from grounding.inference.demo import answer
 from grounding.inference.drawing import PHRASE_COLOURS
 
 CHROMIUM = Path("/usr/bin/chromium")
-#: A Python with gradio: gradio pins an older Pillow, so CI installs it in its own environment
-#: (.ci/run) and names that environment's python here.
+#: A Python with gradio (the lock has it; a library install may keep it in an environment of its
+#: own, since gradio pins an older Pillow: name that environment's python here).
 DEMO_PYTHON = os.environ.get("GROUNDING_DEMO_PYTHON", sys.executable)
 
 

@@ -84,16 +84,20 @@ def test_a_device_that_is_no_device_is_refused_naming_the_setting(spec: str) -> 
 
 
 def test_runtime_params_check_device_and_threads() -> None:
-    assert RuntimeParams("cuda:1", "auto").threads == "auto"
+    assert RuntimeParams("cuda:1", "auto", "portable").threads == "auto"
     with pytest.raises(ConfigError, match=r"runtime\.device"):
-        RuntimeParams("gpu", 1)
+        RuntimeParams("gpu", 1, "portable")
     with pytest.raises(ConfigError, match=r"runtime\.threads"):
-        RuntimeParams("cpu", 0)
+        RuntimeParams("cpu", 0, "portable")
 
 
 def test_threads_auto_is_the_cpus_this_process_may_use() -> None:
     assert resolve_threads("auto") == available_cpus()
     assert resolve_threads("auto", small_tensors=True) == 1
+    # portable: a count that does not follow the machine (the feature bytes depend on it)
+    assert resolve_threads("auto", numerics="portable") == 2
+    assert resolve_threads("auto", small_tensors=True, numerics="portable") == 1
+    assert resolve_threads(3, numerics="portable") == 3
     assert resolve_threads(2, small_tensors=True) == 2
     assert 1 <= available_cpus() <= (os.cpu_count() or 1)
     assert resolve_threads(3) == 3
@@ -123,7 +127,7 @@ def test_available_cpus_take_the_quota(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_use_runtime_sets_the_threads_and_resolves_the_device(no_gpu: None) -> None:
     threads = torch.get_num_threads()
     try:
-        assert use_runtime(RuntimeParams("auto", 1)) == torch.device("cpu")
+        assert use_runtime(RuntimeParams("auto", 1, "portable")) == torch.device("cpu")
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)

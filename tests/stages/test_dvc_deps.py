@@ -58,6 +58,7 @@ def test_a_dep_on_one_file_does_not_cover_its_neighbours(tmp_path: Path) -> None
     deps = [
         "src/grounding/__init__.py",
         "src/grounding/config.py",
+        "src/grounding/numerics.py",
         "src/grounding/boxes.py",
         "src/grounding/errors.py",
         "src/grounding/schemas.py",

@@ -8,7 +8,9 @@ has no box) and ``model`` (which grounder answered: where it was loaded from and
 trained on). Param ``top_k`` (default 1): boxes per phrase.
 
 The model runs on the device that the environment variable ``GROUNDING_DEVICE`` names
-(``auto``, the default: a GPU if torch sees one; ``cpu``; ``cuda``; ``cuda:N``).
+(``auto``, the default: a GPU if torch sees one; ``cpu``; ``cuda``; ``cuda:N``), with the CPU
+kernels that ``GROUNDING_NUMERICS`` names (``portable``, the default, or ``fast``:
+:mod:`grounding.numerics`).
 
 Memory is bounded by design: at most ``GROUNDING_CONCURRENCY`` requests (default 2) are
 grounded at once, the others wait; an image is decoded no larger than the models need
@@ -50,6 +52,7 @@ from PIL import Image
 from grounding.errors import ConfigError, DataError
 from grounding.inference.grounder import MAX_TOP_K, Grounder
 from grounding.io.images import decode_image as decode_image_bytes
+from grounding.numerics import NUMERICS_VARIABLE, check_numerics, use_numerics
 
 _log = logging.getLogger(__name__)
 
@@ -235,6 +238,17 @@ def predict_table(
     return result.astype(object).where(result.notna(), None)  # JSON null, not NaN
 
 
+def _fix_numerics() -> None:
+    """The CPU kernels that ``GROUNDING_NUMERICS`` names (default ``portable``), fixed before
+    the grounder loads torch; a warning in the log where the host loaded torch first (its
+    kernels then stay what they were)."""
+    mode = check_numerics(os.environ.get(NUMERICS_VARIABLE, "portable"), NUMERICS_VARIABLE)
+    try:
+        use_numerics(mode, NUMERICS_VARIABLE)
+    except ConfigError as error:  # the mode is valid: torch was loaded first
+        _log.warning("%s", error)
+
+
 class GrounderModel(mlflow.pyfunc.PythonModel):
     """The pyfunc wrapper; its one artifact ``grounder`` is the grounder's weights file, or the
     folder of its ONNX export (``grounding export``), which runs with onnxruntime."""
@@ -246,6 +260,7 @@ class GrounderModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
         """Load the artifact with :func:`~grounding.inference.loading.load_grounder` (a weights
         file or an ONNX export; anything else is refused unread) on ``GROUNDING_DEVICE``."""
+        _fix_numerics()
         from grounding.inference.loading import load_grounder
 
         self.slots = threading.BoundedSemaphore(concurrency())

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from grounding.config import RuntimeParams, check_device_spec
 from grounding.errors import ConfigError
+from grounding.numerics import PORTABLE_THREADS, Numerics
 
 if TYPE_CHECKING:
     import torch
@@ -89,13 +90,19 @@ def _cgroup_cpu_quota(path: Path) -> int | None:
     return max(1, -(-int(quota) // int(period)))
 
 
-def resolve_threads(spec: int | str, *, small_tensors: bool = False) -> int:
+def resolve_threads(
+    spec: int | str, *, small_tensors: bool = False, numerics: Numerics = "fast"
+) -> int:
     """Torch's CPU threads for ``runtime.threads``: the number given (>= 1), or for ``auto``
-    :func:`available_cpus`, but 1 for work on ``small_tensors`` (training the head: its
-    matrices are a few hundred wide, and a second thread costs more in waiting than it saves;
-    one thread also trains the same head bit for bit every run, two do not: docs/gpu-and-ray.md)."""
+    :func:`available_cpus` (``numerics`` fast) or :data:`~grounding.numerics.PORTABLE_THREADS`
+    (portable: the backbone's float sums are split by thread, so their bytes depend on the
+    count), but 1 for work on ``small_tensors`` (training the head: its matrices are a few
+    hundred wide, and a second thread costs more in waiting than it saves; one thread also
+    trains the same head bit for bit every run, two do not: docs/gpu-and-ray.md)."""
     if spec == "auto":
-        return 1 if small_tensors else available_cpus()
+        if small_tensors:
+            return 1
+        return PORTABLE_THREADS if numerics == "portable" else available_cpus()
     if isinstance(spec, bool) or not isinstance(spec, int) or spec < 1:
         raise ConfigError(f"threads {spec!r}: expected auto or an integer >= 1")
     return spec
@@ -103,10 +110,13 @@ def resolve_threads(spec: int | str, *, small_tensors: bool = False) -> int:
 
 def use_runtime(runtime: RuntimeParams, *, small_tensors: bool = False) -> torch.device:
     """Set torch's CPU threads (:func:`resolve_threads`) and return the resolved device (what
-    a stage calls first)."""
+    a stage calls after :func:`grounding.numerics.use_numerics`)."""
     import torch
 
-    torch.set_num_threads(resolve_threads(runtime.threads, small_tensors=small_tensors))
+    threads = resolve_threads(
+        runtime.threads, small_tensors=small_tensors, numerics=runtime.numerics
+    )
+    torch.set_num_threads(threads)
     return resolve_device(runtime.device)
 
 
