@@ -20,6 +20,7 @@ COPIED = (
     "data/sample",
     "reports/metrics.json",  # committed: main's metrics before anything is rebuilt
     ".dvcignore",
+    ".gitignore",  # a virtualenv inside the checkout stays out of experiments' stashes
 )
 
 
