@@ -49,9 +49,11 @@ def scratch_repo(work: Path) -> dict[str, str]:
     for args in (
         ["git", "init", "-q"],
         ["dvc", "init", "-q"],
-        ["dvc", "config", "core.analytics", "false"],
     ):
         run(args, work, env)
+    # the project's DVC config and its offline plots page, over what `dvc init` wrote
+    shutil.copy2(REPO / ".dvc" / "config", work / ".dvc" / "config")
+    shutil.copytree(REPO / ".dvc" / "plots", work / ".dvc" / "plots")
     commit(work, env, "project")
     return env
 

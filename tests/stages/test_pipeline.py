@@ -7,6 +7,8 @@ the selective search candidates."""
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import socket
 import sqlite3
 import subprocess
@@ -347,6 +349,16 @@ def test_a_queue_of_three_experiments_two_at_a_time_logs_three_runs(pipeline: Pi
 
 
 CHROMIUM = Path("/usr/bin/chromium")
+#: headless Debian chromium, nothing fetched behind the page's back
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @pytest.mark.browser
@@ -382,18 +394,7 @@ def test_the_mlflow_ui_lists_the_runs_with_f1_and_shows_the_gallery(
     try:
         _wait_for(f"http://127.0.0.1:{port}/health")
         with playwright.sync_playwright() as driver:
-            browser = driver.chromium.launch(
-                executable_path=str(CHROMIUM),
-                args=[
-                    "--no-sandbox",
-                    "--disable-gpu",
-                    "--disable-quic",
-                    "--no-first-run",
-                    "--disable-background-networking",
-                    "--disable-component-update",
-                    "--disable-sync",
-                ],
-            )
+            browser = driver.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
             page = browser.new_page(viewport={"width": 1600, "height": 900})
             page.goto(f"{base}/runs")
             for each in runs:
@@ -450,3 +451,104 @@ def test_selective_search_experiment_grounds_with_proposals(pipeline: Pipeline) 
     assert any((work / "data" / "proposals").glob("*.npy"))  # cached for the next run
     _, config = read_weights(work / "models" / "grounder.safetensors")
     assert config["candidates"]["name"] == "selective_search"
+
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def _readme_command(comment: str) -> list[str]:
+    """The README's ``dvc ...`` line that ends with ``# <comment>``, as arguments."""
+    for line in README.read_text(encoding="utf-8").splitlines():
+        if line.startswith("dvc ") and line.rstrip().endswith(f"# {comment}"):
+            return shlex.split(line, comments=True)
+    raise AssertionError(f"the README has no `dvc ...  # {comment}` line")
+
+
+def test_the_readmes_exp_show_ranks_the_experiments_by_f1_at_120_columns(
+    pipeline: Pipeline,
+) -> None:
+    # after the queue above: three experiments of HEAD that differ in train.pos_weight
+    work, env = pipeline.work, pipeline.env
+    shown = run(_readme_command("which experiment is best"), work, {**env, "COLUMNS": "120"})
+    lines = shown.splitlines()
+    assert max(map(len, lines)) <= 120, shown
+    assert "…" not in shown, shown  # nothing elided: names and numbers whole
+    header = next(line for line in lines if "Experiment" in line).split()
+    assert header[:4] == ["Experiment", "f1", "recall_at_1", "train.pos_weight"], shown
+    rows = [line for line in lines if re.search(r"\[[\w-]+\]", line)]
+    assert len(rows) >= 3, shown
+    f1s = [float(line.split("]")[1].split()[0]) for line in rows]
+    assert f1s == sorted(f1s, reverse=True), shown  # best first
+    weights = {line.split()[-1] for line in rows}
+    assert weights == {"1.5", "2", "4"}, shown  # the changed param, one value per experiment
+
+
+def _vega_plots_drawn(page: object) -> dict[str, int]:
+    """Per plot that vega-embed drew on a `dvc plots` page: how many pixels of its canvas are
+    coloured (marks: lines, bars, heat cells; axes, grid and text are grey or black)."""
+    return page.evaluate(  # type: ignore[attr-defined]
+        """() => Object.fromEntries(Array.from(document.querySelectorAll('div.vega-embed'))
+            .map(div => {
+                const canvas = div.querySelector('canvas');
+                if (!canvas) return [div.id, 0];
+                const rgba = canvas.getContext('2d')
+                    .getImageData(0, 0, canvas.width, canvas.height).data;
+                let coloured = 0;
+                for (let i = 0; i < rgba.length; i += 4) {
+                    const hi = Math.max(rgba[i], rgba[i + 1], rgba[i + 2]);
+                    const lo = Math.min(rgba[i], rgba[i + 1], rgba[i + 2]);
+                    if (rgba[i + 3] > 0 && hi - lo > 40) coloured++;
+                }
+                return [div.id, coloured];
+            }))"""
+    )
+
+
+#: The top-level `plots:` of dvc.yaml, each drawn once (DVC's element ids of their titles).
+VEGA_PLOTS = {
+    "Training_per_epoch",
+    "Threshold_sweep__validation_",
+    "Precision-recall__test_pairs_",
+    "Confusion_matrix__test_pairs_",
+}
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed")
+def test_dvc_plots_show_and_diff_draw_every_plot_offline(
+    pipeline: Pipeline, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    playwright = pytest.importorskip("playwright.sync_api")
+    work, env = pipeline.work, pipeline.env
+    out = tmp_path_factory.mktemp("plots")
+    run(["dvc", "plots", "show", "-o", str(out / "show")], work, env)
+    run(["dvc", "plots", "diff", "HEAD", "-o", str(out / "diff")], work, env)
+    fetched: list[str] = []
+
+    def refuse(route: object) -> None:
+        fetched.append(route.request.url)  # type: ignore[attr-defined]
+        route.abort()  # type: ignore[attr-defined]
+
+    with playwright.sync_playwright() as driver:
+        browser = driver.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
+        for name in ("show", "diff"):
+            page = browser.new_page(viewport={"width": 1600, "height": 900})
+            page.route("http*://**", refuse)
+            page.goto((out / name / "index.html").as_uri())
+            page.wait_for_function(
+                f"document.querySelectorAll('canvas').length >= {len(VEGA_PLOTS)}",
+                timeout=60_000,
+            )
+            page.wait_for_timeout(1_000)  # vega draws after its dataflow runs
+            page.screenshot(path=str(out / f"{name}.png"), full_page=True)
+            drawn = _vega_plots_drawn(page)
+            assert set(drawn) == VEGA_PLOTS, drawn  # no plot twice, none missing
+            assert all(pixels > 200 for pixels in drawn.values()), drawn
+            assert not fetched, fetched  # everything the page needs is inside it
+            images = page.evaluate(
+                "() => Array.from(document.images).map(i => [i.alt || i.src.slice(0, 40),"
+                " i.naturalWidth])"
+            )
+            assert images and all(width > 0 for _, width in images), images
+            page.close()
+        browser.close()
