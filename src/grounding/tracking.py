@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import math
 import os
 import subprocess
@@ -45,6 +46,13 @@ REGISTERED_MODEL = "phrase-grounder"
 #: The alias of the registered version with the best validation F1.
 CHAMPION = "champion"
 _MODEL_CODE = Path(__file__).parent / "inference" / "mlflow_model.py"
+#: The runs view that :func:`log_pipeline_run` keeps current: its key (the address's
+#: ``viewStateShareKey``), its name under **Views**, and its metric columns (sorted by the first).
+RUNS_VIEW = "best-f1"
+RUNS_VIEW_NAME = "Best F1 and the params that changed"
+VIEW_METRICS = ("f1", "recall_at_1")
+#: The experiment tag prefix under which mlflow ui (3.17) keeps saved views.
+_SAVED_VIEW_TAG = "mlflow.sharedViewState."
 
 
 def tracking_uri(root: Path) -> str:
@@ -237,6 +245,7 @@ def log_pipeline_run(
                 registered_model_name=REGISTERED_MODEL,
             )
         version = str(logged.registered_model_version)
+        pin_runs_view(client, experiment_id)
         return run.info.run_id, version, _crown(client, version, float(validation_f1))
 
 
@@ -257,13 +266,73 @@ def _crown(client: Any, version: str, validation_f1: float) -> bool:
     return False
 
 
+def changed_params(runs_params: Sequence[Mapping[str, str]]) -> list[str]:
+    """The param keys whose value differs between runs (a key a run lacks counts as a value),
+    sorted: what a comparison of these runs is about."""
+    keys = sorted({key for params in runs_params for key in params})
+    return [key for key in keys if len({params.get(key) for params in runs_params}) > 1]
+
+
+def runs_view_state(params: Sequence[str]) -> dict[str, Any]:
+    """The runs-table state of ``mlflow ui`` (3.17's saved views) that shows the name, the
+    :data:`VIEW_METRICS` and ``params`` as columns, best F1 first."""
+    return {
+        "searchFilter": "",
+        "orderByKey": f"metrics.`{VIEW_METRICS[0]}`",
+        "orderByAsc": False,
+        "startTime": "ALL",
+        "lifecycleFilter": "Active",
+        "datasetsFilter": [],
+        "modelVersionFilter": "All Runs",
+        "selectedColumns": [
+            *(f"metrics.`{name}`" for name in VIEW_METRICS),
+            *(f"params.`{name}`" for name in params),
+        ],
+        "columnOrder": [],
+        "columnWidths": {},
+        "runsHiddenMode": "SHOW_ALL",
+        "viewMaximized": False,
+        "runListHidden": False,
+        "isAccordionReordered": False,
+        "useGroupedValuesInCharts": True,
+        "hideEmptyCharts": True,
+        "groupBy": None,
+        "groupsExpanded": {},
+        "globalLineChartConfig": {
+            "xAxisKey": "step",
+            "lineSmoothness": 0,
+            "selectedXAxisMetricKey": "",
+        },
+    }
+
+
+def pin_runs_view(client: Any, experiment_id: str) -> None:
+    """Save the view :data:`RUNS_VIEW` of the experiment: :func:`runs_view_state` with the
+    params that differ between its runs, as the experiment tag ``mlflow.sharedViewState.<key>``
+    that ``mlflow ui`` reads for ``?viewStateShareKey=<key>`` and lists under **Views**."""
+    runs = client.search_runs([experiment_id], max_results=1000)
+    state = runs_view_state(changed_params([run.data.params for run in runs]))
+    now = int(1000 * time.time())
+    envelope = {
+        "name": RUNS_VIEW_NAME,
+        "createdAt": now,
+        "updatedAt": now,
+        "state": json.dumps(state),
+    }
+    client.set_experiment_tag(experiment_id, f"{_SAVED_VIEW_TAG}{RUNS_VIEW}", json.dumps(envelope))
+
+
 def runs_page(uri: str) -> str | None:
-    """The ``#/experiments/<id>/runs`` address of the experiment in ``mlflow ui`` (the UI
-    opens an experiment on its GenAI overview otherwise), None if it does not exist yet."""
+    """The address of the experiment's runs in ``mlflow ui``, opened on the view
+    :data:`RUNS_VIEW` (the UI opens an experiment on its GenAI overview otherwise), None if
+    it does not exist yet."""
     import mlflow
 
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.get_experiment_by_name(EXPERIMENT)
     if experiment is None:
         return None
-    return f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs"
+    return (
+        f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs"
+        f"?viewStateShareKey={RUNS_VIEW}"
+    )
