@@ -7,6 +7,7 @@ the selective search candidates."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import socket
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import SHARED_DATA
 from benchmarks.scratch_repo import commit, run, scratch_repo
 from grounding.inference.serving import encode_image
 from grounding.io import read_weights
@@ -205,7 +207,9 @@ def test_predict_loads_the_registered_grounder(pipeline: Pipeline) -> None:
     assert len(list((work / "cache").glob("*.npy"))) == 1  # proposals cached for next time
 
 
-def test_served_grounder_answers_http_and_refuses_bad_input_with_400(pipeline: Pipeline) -> None:
+def test_served_grounder_answers_http_and_refuses_bad_input_with_400(
+    pipeline: Pipeline, tmp_path: Path
+) -> None:
     work, env = pipeline.work, pipeline.env
     port = _free_port()
     server = subprocess.Popen(
@@ -257,6 +261,12 @@ def test_served_grounder_answers_http_and_refuses_bad_input_with_400(pipeline: P
         assert all(0 <= p["x1"] < p["x2"] <= 212 for p in predictions)
         assert all(0.0 <= p["score"] <= 1.0 for p in predictions)
 
+        # the README's commands, on a real photo when there is one: its base64 (over 128 KB)
+        # cannot be one argument of a command line
+        status, body = _readme_serving_example(work, url, tmp_path)
+        assert status == 200, body
+        assert [p["row"] for p in body["predictions"]] == [0, 0, 0, 1, 1, 1]
+
         bad = [
             ([["not base64!", "a dog"]], {}),
             ([[encode_image(b"GIF89a-not-really"), "a dog"]], {}),
@@ -280,6 +290,26 @@ def test_served_grounder_answers_http_and_refuses_bad_input_with_400(pipeline: P
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def _readme_serving_example(work: Path, url: str, folder: Path) -> tuple[int, dict]:
+    """Run the README's serving example in ``folder`` (build ``body.json`` from
+    ``photo.jpg``, then ``curl --data-binary @body.json``) against ``url``; the photo is the
+    largest real image in ``../shared`` (about 280 KB), else a sample image of ``work``.
+    Returns the HTTP status and body."""
+    example = re.search(r"```bash\n(\{ printf.*?)```", README.read_text(encoding="utf-8"), re.S)
+    assert example, "the README's serving example is gone"
+    real = SHARED_DATA / "images"
+    photos = sorted(real.glob("*.jpg"), key=lambda f: f.stat().st_size) if real.is_dir() else []
+    photo = photos[-1] if photos else work / "data/sample/images/100000001.jpg"
+    (folder / "photo.jpg").write_bytes(photo.read_bytes())
+    script = example.group(1).replace("http://127.0.0.1:5001", url)
+    script = script.replace("curl -s", "curl -s -o answer.json -w '%{http_code}'")
+    done = subprocess.run(
+        ["bash", "-c", script], cwd=folder, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    return int(done.stdout), json.loads((folder / "answer.json").read_text())
 
 
 def _runs(work: Path) -> tuple:
@@ -567,3 +597,44 @@ def test_dvc_plots_show_and_diff_draw_every_plot_offline(
             assert images and all(width > 0 for _, width in images), images
             page.close()
         browser.close()
+
+
+def _git_bytes(work: Path) -> int:
+    return sum(path.stat().st_size for path in (work / ".git").rglob("*") if path.is_file())
+
+
+def test_a_virtualenv_in_the_checkout_stays_out_of_experiments(pipeline: Pipeline) -> None:
+    # DVC's experiments stash untracked files into .git (`exp apply`, `exp run`, the queue);
+    # a 100 MB virtualenv at .venv/ is ignored, so none of it may be copied there
+    work, env = pipeline.work, pipeline.env
+    venv = work / ".venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    blob = venv / "lib" / "site-packages-blob"
+    blob.mkdir(parents=True)
+    for index in range(1000):  # incompressible, as wheels and shared libraries are
+        (blob / f"{index}.bin").write_bytes(os.urandom(100_000))
+    before = _git_bytes(work)
+    name = run(["dvc", "exp", "ls", "--name-only"], work, env).split()[0]  # one of the queue's
+    seconds = {}
+    for step, args in (
+        ("exp apply", ["dvc", "exp", "apply", name]),
+        ("exp run", ["dvc", "exp", "run", "-S", "report.gallery_examples=4"]),
+        ("exp run --queue", ["dvc", "exp", "run", "--queue", "-S", "report.gallery_examples=6"]),
+        ("queue start", ["dvc", "queue", "start", "-j", "1"]),
+    ):
+        started = time.monotonic()
+        run(args, work, env)
+        seconds[step] = time.monotonic() - started
+        if step == "exp apply":
+            subprocess.run(["git", "checkout", "--", "."], cwd=work, env=env, check=True)
+    deadline = time.monotonic() + 900
+    while "Queued" in (status := run(["dvc", "queue", "status"], work, env)) or (
+        "Running" in status
+    ):
+        assert time.monotonic() < deadline, status
+        time.sleep(3)
+    assert "Failed" not in status, status
+    grown = _git_bytes(work) - before
+    assert grown < 20_000_000, f".git grew {grown / 1e6:.0f} MB ({seconds})"
+    assert len(list(blob.iterdir())) == 1000  # the virtualenv is left as it was
+    assert seconds["exp apply"] < 60, seconds
