@@ -7,7 +7,9 @@ registered pyfunc model, and is tagged with the git commit and the DVC experimen
 named after the DVC experiment (the short commit for a plain ``dvc repro``) and spans the
 pipeline run: it starts when the ``dvc repro`` / ``dvc exp run`` process that ran the stages
 started. The experiment is marked as a model-training one, and the registered model's alias
-:data:`CHAMPION` follows the version with the best validation F1. Nothing logged is a pickle:
+:data:`CHAMPION` follows the version with the best validation F1. The experiment's saved view
+:data:`RUNS_VIEW` shows F1, Recall@1 and the params that differ between runs, best F1
+first; only the headline metrics are top-level. Nothing logged is a pickle:
 the grounder is a model from code (:mod:`grounding.inference.mlflow_model`) with safetensors
 weights.
 
