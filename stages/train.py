@@ -6,15 +6,8 @@ import argparse
 from dataclasses import asdict
 from pathlib import Path
 
-from tqdm import tqdm
-
-from grounding import io
 from grounding.config import load_params
 from grounding.errors import run
-from grounding.evaluation import plots
-from grounding.modeling.device import gpu_memory_hint, use_runtime
-from grounding.modeling.scoring import PairFeatures, TrainedHead
-from grounding.modeling.train import TrainingPairs, train_head
 
 #: What the validation scores read of the validation pairs (not ``image_id``).
 VAL_COLUMNS = ("phrase_id", "region_id", "iou", "label")
@@ -38,6 +31,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     all_params = load_params(args.params)
     params = all_params.train
+    # imported once the params are known good: a typo (`-S +train.pos_wieght=3`) fails in about
+    # a second, not after torch and matplotlib have loaded
+    from tqdm import tqdm
+
+    from grounding import io
+    from grounding.evaluation import plots
+    from grounding.modeling.device import gpu_memory_hint, use_runtime
+    from grounding.modeling.scoring import PairFeatures, TrainedHead
+    from grounding.modeling.train import TrainingPairs, train_head
+
     device = use_runtime(all_params.runtime, small_tensors=True)
     *arrays, meta = io.read_features(args.features)
     features = PairFeatures.from_arrays(*arrays)
