@@ -6,13 +6,8 @@ import argparse
 from dataclasses import asdict
 from pathlib import Path
 
-from tqdm import tqdm
-
-from grounding import io
 from grounding.config import load_params
 from grounding.errors import run
-from grounding.evaluation import plots
-from grounding.modeling.device import gpu_memory_hint, use_runtime
 from grounding.numerics import use_numerics
 
 #: What the validation scores read of the validation pairs (not ``image_id``).
@@ -37,11 +32,18 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     all_params = load_params(args.params)
     use_numerics(all_params.runtime.numerics)
-    # torch loads with these imports: after the numerics are fixed
+    params = all_params.train
+    # imported once the params are known good (a typo such as `-S +train.pos_wieght=3` fails in
+    # about a second, not after torch and matplotlib have loaded) and the numerics fixed (torch
+    # loads with these imports)
+    from tqdm import tqdm
+
+    from grounding import io
+    from grounding.evaluation import plots
+    from grounding.modeling.device import gpu_memory_hint, use_runtime
     from grounding.modeling.scoring import PairFeatures, TrainedHead
     from grounding.modeling.train import TrainingPairs, train_head
 
-    params = all_params.train
     device = use_runtime(all_params.runtime, small_tensors=True)
     *arrays, meta = io.read_features(args.features)
     features = PairFeatures.from_arrays(*arrays)

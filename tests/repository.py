@@ -26,6 +26,7 @@ COPIED = (
     "data/sample",
     "reports/metrics.json",  # committed: main's metrics before anything is rebuilt
     ".dvcignore",
+    ".gitignore",  # a virtualenv inside the checkout stays out of experiments' stashes
 )
 
 
@@ -54,9 +55,11 @@ def scratch_repo(work: Path) -> dict[str, str]:
     for args in (
         ["git", "init", "-q"],
         ["dvc", "init", "-q"],
-        ["dvc", "config", "core.analytics", "false"],
     ):
         run(args, work, env)
+    # the project's DVC config and its offline plots page, over what `dvc init` wrote
+    shutil.copy2(REPO / ".dvc" / "config", work / ".dvc" / "config")
+    shutil.copytree(REPO / ".dvc" / "plots", work / ".dvc" / "plots")
     commit(work, env, "project")
     return env
 

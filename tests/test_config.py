@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import difflib
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,20 @@ def test_misspelled_key_is_named(raw: dict[str, Any]) -> None:
     raw["split"]["sed"] = raw["split"].pop("seed")
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['split\.sed'\]"):
         params_from_dict(raw)
+
+
+def test_misspelled_key_names_the_closest_known_key(raw: dict[str, Any]) -> None:
+    raw["train"]["pos_wieght"] = 3  # dvc exp run -S +train.pos_wieght=3
+    with pytest.raises(ConfigError, match=r"train\.pos_wieght: did you mean `pos_weight`\?"):
+        params_from_dict(raw)
+
+
+def test_a_key_close_to_none_gets_no_guess(raw: dict[str, Any]) -> None:
+    raw["train"]["zzz"] = 3
+    with pytest.raises(ConfigError) as error:
+        params_from_dict(raw)
+    assert "did you mean" not in str(error.value)
+    assert "['train.zzz']" in str(error.value)
 
 
 def test_unknown_section_is_named(raw: dict[str, Any]) -> None:
@@ -220,3 +235,22 @@ def test_each_format_names_its_split_files(raw: dict[str, Any]) -> None:
     raw["data"]["odvg"]["dev"] = "dev.jsonl"
     with pytest.raises(ConfigError, match=r"data\.odvg\.dev"):
         params_from_dict(raw)
+
+
+@pytest.mark.parametrize(
+    "override", ["train.pos_weight=3", "features.backbone_weights=/tmp/w.pth", "+train.new=1"]
+)
+def test_set_param_rewrites_only_the_line_it_sets(tmp_path: Path, override: str) -> None:
+    # `dvc exp run -S` writes params.yaml back through DVC's YAML round trip: every line it
+    # does not set must come back byte for byte (a `null` came back as an empty value)
+    from dvc.utils.hydra import apply_overrides
+
+    written = tmp_path / "params.yaml"
+    written.write_text(PARAMS_FILE.read_text())
+    apply_overrides(written, [override])
+    before, after = PARAMS_FILE.read_text().splitlines(), written.read_text().splitlines()
+    changed = list(difflib.unified_diff(before, after, lineterm="", n=0))
+    removed = [line for line in changed if line.startswith("-") and not line.startswith("---")]
+    key = override.lstrip("+").split("=")[0].split(".")[-1]
+    assert all(line.lstrip("-").strip().startswith(f"{key}:") for line in removed), changed
+    assert len(removed) == (0 if override.startswith("+") else 1), changed

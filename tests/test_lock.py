@@ -34,9 +34,9 @@ def _project(tmp_path: Path, pyproject: str) -> tuple[Path, Path]:
 
 def test_a_new_dependency_or_a_range_the_pin_leaves_is_a_disagreement(tmp_path: Path) -> None:
     original = PYPROJECT.read_text(encoding="utf-8")
-    added = original.replace('"tqdm>=4.66",', '"tqdm>=4.66",\n    "supervision>=0.31",')
+    added = original.replace('"tqdm>=4.66",', '"tqdm>=4.66",\n    "hypothesis>=6",')
     problems = disagreements(*_project(tmp_path, added), LOCK)
-    assert any(p.startswith("supervision>=0.31 (dependencies) is not in") for p in problems)
+    assert any(p.startswith("hypothesis>=6 (dependencies) is not in") for p in problems)
     assert any("resolved from other requirements" in p for p in problems)
 
     pinned = pins()["pandas"]

@@ -19,16 +19,19 @@ from grounding.tracking import (
     CHAMPION,
     EXPERIMENT,
     REGISTERED_MODEL,
+    RUNS_VIEW,
     DatasetInput,
     _crown,
     artifact_location,
     best_version,
+    changed_params,
     file_digest,
     log_pipeline_run,
     numeric_metrics,
     pipeline_started_at,
     relocate_store,
     run_tags,
+    runs_page,
     split_inputs,
 )
 
@@ -284,3 +287,39 @@ def test_a_store_whose_artifacts_live_elsewhere_is_left_alone(tmp_path: Path) ->
             "SELECT artifact_location FROM experiments WHERE name = ?", (EXPERIMENT,)
         ).fetchone()
     assert location == artifact_location(checkout)
+
+
+def test_changed_params_are_the_keys_whose_values_differ() -> None:
+    runs = [
+        {"train.pos_weight": "1.0", "train.seed": "0", "data.root": "a"},
+        {"train.pos_weight": "3", "train.seed": "0", "data.root": "a"},
+        {"train.pos_weight": "3", "train.seed": "0", "data.root": "a", "train.new": "1"},
+    ]
+    assert changed_params(runs) == ["train.new", "train.pos_weight"]
+    assert changed_params(runs[:1]) == []
+
+
+def _saved_view(uri: str) -> dict:
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    tags = client.get_experiment_by_name(EXPERIMENT).tags
+    envelope = json.loads(tags[f"mlflow.sharedViewState.{RUNS_VIEW}"])
+    assert isinstance(envelope["name"], str) and isinstance(envelope["createdAt"], int)
+    return json.loads(envelope["state"])  # plain JSON: mlflow ui inflates only "deflate;..."
+
+
+def test_each_run_pins_a_view_of_f1_recall_and_the_params_that_changed(tmp_path: Path) -> None:
+    uri, _, _ = _logged_run(tmp_path, validation_f1=0.7, pos_weight=1.0)
+    state = _saved_view(uri)
+    assert state["selectedColumns"] == ["metrics.`f1`", "metrics.`recall_at_1`"]
+    assert (state["orderByKey"], state["orderByAsc"]) == ("metrics.`f1`", False)
+    _logged_run(tmp_path, validation_f1=0.6, pos_weight=3.0)
+    assert _saved_view(uri)["selectedColumns"] == [
+        "metrics.`f1`",
+        "metrics.`recall_at_1`",
+        "params.`train.pos_weight`",
+    ]
+    experiment = mlflow.MlflowClient(tracking_uri=uri).get_experiment_by_name(EXPERIMENT)
+    assert runs_page(uri) == (
+        f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs"
+        f"?viewStateShareKey={RUNS_VIEW}"
+    )

@@ -8,6 +8,7 @@ library only ever sees well-typed values. ``dvc exp run -S train.pos_weight=3`` 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import re
 import types
@@ -303,7 +304,11 @@ def _build(cls: type, values: Any, key: str) -> Any:
     names = [field.name for field in dataclasses.fields(cls)]
     unknown = sorted(set(values) - set(names))
     if unknown:
-        raise ConfigError(f"unknown key(s) {[_join(key, u) for u in unknown]}; known: {names}")
+        raise ConfigError(
+            f"unknown key(s) {[_join(key, u) for u in unknown]}; "
+            + "".join(f"{hint}; " for hint in _closest_keys(key, unknown, names))
+            + f"known: {names}"
+        )
     missing = [name for name in names if name not in values]
     if missing:
         raise ConfigError(f"missing key(s) {[_join(key, m) for m in missing]}")
@@ -314,6 +319,17 @@ def _build(cls: type, values: Any, key: str) -> Any:
         raise
     except ValueError as error:  # a section that checks its own values
         raise ConfigError(f"{key}: {error}") from None
+
+
+def _closest_keys(prefix: str, unknown: list[str], names: list[str]) -> list[str]:
+    """``train.pos_wieght: did you mean `pos_weight`?`` for each unknown key close to a known
+    one (a typo in ``dvc exp run -S +train.pos_wieght=3``)."""
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+        if close:
+            hints.append(f"{_join(prefix, name)}: did you mean `{close[0]}`?")
+    return hints
 
 
 def _join(prefix: str, name: str) -> str:

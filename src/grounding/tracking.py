@@ -7,7 +7,9 @@ registered pyfunc model, and is tagged with the git commit and the DVC experimen
 named after the DVC experiment (the short commit for a plain ``dvc repro``) and spans the
 pipeline run: it starts when the ``dvc repro`` / ``dvc exp run`` process that ran the stages
 started. The experiment is marked as a model-training one, and the registered model's alias
-:data:`CHAMPION` follows the version with the best validation F1. Nothing logged is a pickle:
+:data:`CHAMPION` follows the version with the best validation F1. The experiment's saved view
+:data:`RUNS_VIEW` shows F1, Recall@1 and the params that differ between runs, best F1
+first; only the headline metrics are top-level. Nothing logged is a pickle:
 the grounder is a model from code (:mod:`grounding.inference.mlflow_model`) with safetensors
 weights.
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import math
 import os
 import sqlite3
@@ -51,6 +54,13 @@ REGISTERED_MODEL = "phrase-grounder"
 #: The alias of the registered version with the best validation F1.
 CHAMPION = "champion"
 _MODEL_CODE = Path(__file__).parent / "inference" / "mlflow_model.py"
+#: The runs view that :func:`log_pipeline_run` keeps current: its key (the address's
+#: ``viewStateShareKey``), its name under **Views**, and its metric columns (sorted by the first).
+RUNS_VIEW = "best-f1"
+RUNS_VIEW_NAME = "Best F1 and the params that changed"
+VIEW_METRICS = ("f1", "recall_at_1")
+#: The experiment tag prefix under which mlflow ui (3.17) keeps saved views.
+_SAVED_VIEW_TAG = "mlflow.sharedViewState."
 
 
 def artifact_location(root: Path) -> str:
@@ -300,6 +310,7 @@ def log_pipeline_run(
                 registered_model_name=REGISTERED_MODEL,
             )
         version = str(logged.registered_model_version)
+        pin_runs_view(client, experiment_id)
         return run.info.run_id, version, _crown(client, version, float(validation_f1))
 
 
@@ -354,10 +365,67 @@ def _crown(client: Any, version: str, validation_f1: float, *, rounds: int = 20)
     raise RuntimeError(f"@{CHAMPION} still moving after {rounds} rounds")
 
 
+def changed_params(runs_params: Sequence[Mapping[str, str]]) -> list[str]:
+    """The param keys whose value differs between runs (a key a run lacks counts as a value),
+    sorted: what a comparison of these runs is about."""
+    keys = sorted({key for params in runs_params for key in params})
+    return [key for key in keys if len({params.get(key) for params in runs_params}) > 1]
+
+
+def runs_view_state(params: Sequence[str]) -> dict[str, Any]:
+    """The runs-table state of ``mlflow ui`` (3.17's saved views) that shows the name, the
+    :data:`VIEW_METRICS` and ``params`` as columns, best F1 first."""
+    return {
+        "searchFilter": "",
+        "orderByKey": f"metrics.`{VIEW_METRICS[0]}`",
+        "orderByAsc": False,
+        "startTime": "ALL",
+        "lifecycleFilter": "Active",
+        "datasetsFilter": [],
+        "modelVersionFilter": "All Runs",
+        "selectedColumns": [
+            *(f"metrics.`{name}`" for name in VIEW_METRICS),
+            *(f"params.`{name}`" for name in params),
+        ],
+        "columnOrder": [],
+        "columnWidths": {},
+        "runsHiddenMode": "SHOW_ALL",
+        "viewMaximized": False,
+        "runListHidden": False,
+        "isAccordionReordered": False,
+        "useGroupedValuesInCharts": True,
+        "hideEmptyCharts": True,
+        "groupBy": None,
+        "groupsExpanded": {},
+        "globalLineChartConfig": {
+            "xAxisKey": "step",
+            "lineSmoothness": 0,
+            "selectedXAxisMetricKey": "",
+        },
+    }
+
+
+def pin_runs_view(client: Any, experiment_id: str) -> None:
+    """Save the view :data:`RUNS_VIEW` of the experiment: :func:`runs_view_state` with the
+    params that differ between its runs, as the experiment tag ``mlflow.sharedViewState.<key>``
+    that ``mlflow ui`` reads for ``?viewStateShareKey=<key>`` and lists under **Views**."""
+    runs = client.search_runs([experiment_id], max_results=1000)
+    state = runs_view_state(changed_params([run.data.params for run in runs]))
+    now = int(1000 * time.time())
+    envelope = {
+        "name": RUNS_VIEW_NAME,
+        "createdAt": now,
+        "updatedAt": now,
+        "state": json.dumps(state),
+    }
+    client.set_experiment_tag(experiment_id, f"{_SAVED_VIEW_TAG}{RUNS_VIEW}", json.dumps(envelope))
+
+
 def runs_page(uri: str) -> str | None:
-    """The ``#/experiments/<id>/runs`` address of the experiment in the UI (the UI opens an
-    experiment on its GenAI overview otherwise): on the server of an ``http(s)`` store
-    (without its credentials), else on a local ``mlflow ui``; None if it does not exist yet."""
+    """The ``#/experiments/<id>/runs`` address of the experiment in the UI, opened on the view
+    :data:`RUNS_VIEW` (the UI opens an experiment on its GenAI overview otherwise): on the
+    server of an ``http(s)`` store (without its credentials), else on a local ``mlflow ui``;
+    None if it does not exist yet."""
     import mlflow
 
     mlflow.set_tracking_uri(uri)
@@ -369,4 +437,4 @@ def runs_page(uri: str) -> str | None:
     if parts.scheme in ("http", "https"):
         port = f":{parts.port}" if parts.port else ""
         server = f"{parts.scheme}://{parts.hostname}{port}{parts.path.rstrip('/')}"
-    return f"{server}/#/experiments/{experiment.experiment_id}/runs"
+    return f"{server}/#/experiments/{experiment.experiment_id}/runs?viewStateShareKey={RUNS_VIEW}"
