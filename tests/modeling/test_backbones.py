@@ -5,6 +5,7 @@ trunk with the package's own network."""
 from __future__ import annotations
 
 import importlib.resources
+import importlib.util
 from pathlib import Path
 
 import pytest
