@@ -288,8 +288,12 @@ def test_predict_loads_the_registered_grounder(pipeline: Pipeline) -> None:
         work,
         env,
     )
-    result = json.loads(printed[printed.index("{") :])
+    # stdout and stderr together: the JSON, and the lines naming the model around it
+    result, _ = json.JSONDecoder().raw_decode(printed[printed.index("{") :])
     assert [p["phrase"] for p in result["phrases"]] == ["a blue square", "A man", "a red circle"]
+    assert result["model"]["source"] == "models:/phrase-grounder@champion"
+    assert result["model"]["trained_on"]["synthetic"] is True
+    assert "model: models:/phrase-grounder@champion, trained on sample (" in printed
     for grounding in result["phrases"]:
         assert len(grounding["boxes"]) == 2
         assert grounding["boxes"][0]["score"] >= grounding["boxes"][1]["score"]
@@ -350,6 +354,7 @@ def test_served_grounder_answers_http_and_refuses_bad_input_with_400(
         assert [p["row"] for p in predictions] == [0, 0, 0, 1, 1, 1]
         assert all(0 <= p["x1"] < p["x2"] <= 212 for p in predictions)
         assert all(0.0 <= p["score"] <= 1.0 for p in predictions)
+        assert all("trained on sample (" in p["model"] for p in predictions)  # which model
 
         # the README's commands, on a real photo when there is one: its base64 (over 128 KB)
         # cannot be one argument of a command line
