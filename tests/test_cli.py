@@ -595,3 +595,61 @@ def test_an_unreachable_tracking_server_is_named_without_its_password(
     last = captured.err.strip().splitlines()[-1]
     assert last.startswith("error: ") and "http://ann:***@127.0.0.1:9" in last, last
     assert "s3cret" not in captured.err + captured.out
+
+
+def test_predict_writes_label_studio_pre_annotations_of_its_answers(
+    model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dataclasses import astuple
+
+    from grounding.data.formats.labelstudio import percent_box
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    stand_ins.two_shapes().save(photos / "a.png")
+    stand_ins.two_shapes().transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(photos / "b.png")
+    out = tmp_path / "out"
+    argv = ["predict", str(photos), "--model", str(model), "--no-cache", "--out-dir", str(out)]
+    # two phrases that pick one box each: with --threshold 0 both are pre-annotations
+    phrases = ["--phrase", "a red box", "--phrase", "a blue box", "--threshold", "0"]
+    cli_main([*argv, *phrases, "--labelstudio", str(tmp_path)])
+    assert f"{out / 'labelstudio.json'}: 2 Label Studio tasks" in capsys.readouterr().err
+    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    tasks = json.loads((out / "labelstudio.json").read_text())
+    assert len(tasks) == len(records) == 2
+    for record, task in zip(records, tasks, strict=True):
+        assert task["data"]["file_name"] == Path(record["image"]).name
+        assert task["data"]["image"].endswith("?d=photos/" + Path(record["image"]).name)
+        [prediction] = task["predictions"]
+        chosen: dict[tuple, list[str]] = {}
+        for phrase in record["phrases"]:
+            for found in phrase["boxes"]:
+                chosen.setdefault(tuple(found["box"]), []).append(phrase["phrase"])
+        boxes = [r for r in prediction["result"] if r["type"] == "rectangle"]
+        texts = {
+            r["id"]: r["value"]["text"] for r in prediction["result"] if r["type"] == "textarea"
+        }
+        read_back = {
+            tuple(round(v) for v in astuple(percent_box(r["value"], *record["size"]))): texts[
+                r["id"]
+            ]
+            for r in boxes
+        }
+        assert read_back == chosen
+        scores = [f["score"] for p in record["phrases"] for f in p["boxes"]]
+        assert prediction["score"] == min(scores)
+
+
+def test_predict_label_studio_needs_out_dir_and_images_inside_its_root(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cli, "load_grounder", lambda *_, **__: pytest.fail("loaded a model"))
+    (tmp_path / "x.jpg").write_bytes(jpeg_bytes(64, 64))
+    argv = ["predict", str(tmp_path / "x.jpg"), "--phrase", "a", "--labelstudio", str(tmp_path)]
+    last = _fails(argv, capsys)
+    assert last == "error: --labelstudio writes OUT/labelstudio.json: pass --out-dir OUT too"
+    elsewhere = tmp_path / "root"
+    elsewhere.mkdir()
+    argv = [*argv[:-1], str(elsewhere), "--out-dir", str(tmp_path / "out")]
+    last = _fails(argv, capsys)
+    assert last.startswith(f"error: --labelstudio {elsewhere}: {tmp_path / 'x.jpg'} is not inside")

@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 TRAINED_GROUNDER = Path("models/grounder.safetensors")
 #: The JSON Lines file of ``grounding predict --out-dir``: one record per grounded image.
 PREDICTIONS_FILE = "predictions.jsonl"
+#: The Label Studio tasks of ``grounding predict --out-dir OUT --labelstudio ROOT``.
+LABELSTUDIO_FILE = "labelstudio.json"
 #: What a GPU out of memory while grounding tells the user to change.
 OUT_OF_MEMORY_ADVICE = "shrink the image or pass --device cpu"
 
@@ -73,6 +75,8 @@ def _predict(args: argparse.Namespace) -> None:
         io.check_writable_file(args.out, "--out")
     if not args.no_cache:
         io.check_writable_folder(args.cache, "--cache")
+    if args.labelstudio and not args.out_dir:
+        raise DataError(f"--labelstudio writes OUT/{LABELSTUDIO_FILE}: pass --out-dir OUT too")
     if args.out_dir is None and len(sources) == 1 and _one_file(sources[0]):
         _predict_one(args, Path(sources[0]), phrases)
         return
@@ -81,8 +85,22 @@ def _predict(args: argparse.Namespace) -> None:
     paths = io.find_images(sources)  # before the model: a source naming nothing fails fast
     if args.out_dir:
         io.check_writable_folder(args.out_dir, "--out-dir")
+    if args.labelstudio:
+        _check_inside(paths, args.labelstudio)
     check_device_spec(args.device, "--device")
     _predict_many(args, paths, phrases)
+
+
+def _check_inside(paths: list[Path], root: Path) -> None:
+    """:class:`DataError` naming the first image that Label Studio could not serve from the
+    local-files document root ``root``."""
+    root = root.resolve()
+    for path in paths:
+        if not path.resolve().is_relative_to(root):
+            raise DataError(
+                f"--labelstudio {root}: {path} is not inside it (Label Studio serves local files "
+                "from under its LOCAL_FILES_DOCUMENT_ROOT only)"
+            )
 
 
 def _one_file(source: str) -> bool:
@@ -177,6 +195,7 @@ def _predict_many(args: argparse.Namespace, paths: list[Path], phrases: list[str
         proposals=proposals,
     )
     grounded, skipped = 0, 0
+    tasks = []  # for Label Studio: the answers as pre-annotations to review
     with contextlib.ExitStack() as stack:
         if args.out_dir:
             records_path = args.out_dir / PREDICTIONS_FILE
@@ -203,6 +222,14 @@ def _predict_many(args: argparse.Namespace, paths: list[Path], phrases: list[str
                 record["picture"] = str(picture)
             records.write(json.dumps(record, ensure_ascii=False) + "\n")
             records.flush()
+            if args.labelstudio:
+                version = grounder.source or "grounding predict"
+                tasks.append(result.labelstudio_task(args.labelstudio, model_version=version))
+    if args.labelstudio:
+        io.write_json(tasks, args.out_dir / LABELSTUDIO_FILE)
+        print(
+            f"{args.out_dir / LABELSTUDIO_FILE}: {len(tasks)} Label Studio tasks", file=sys.stderr
+        )
     where = f"; records in {args.out_dir / PREDICTIONS_FILE}" if args.out_dir else ""
     print(f"grounded {grounded} of {len(paths)} images, skipped {skipped}{where}", file=sys.stderr)
     if not grounded:
@@ -431,6 +458,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help=f"write {PREDICTIONS_FILE} (a JSON record per image) and each image's picture "
         "here, instead of JSON on stdout",
+    )
+    predict.add_argument(
+        "--labelstudio",
+        type=Path,
+        metavar="ROOT",
+        help=f"with --out-dir, also write {LABELSTUDIO_FILE}: a Label Studio task per image, "
+        "its boxes above the threshold as pre-annotations to review (import it into a project "
+        "with the shipped labelling config; ROOT is Label Studio's LOCAL_FILES_DOCUMENT_ROOT, "
+        "which must hold the images: docs/annotation.md)",
     )
     predict.add_argument(
         "--threshold",

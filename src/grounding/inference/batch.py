@@ -16,6 +16,8 @@ from typing import Any
 from PIL import Image
 
 from grounding.candidates import Propose
+from grounding.data.formats import labelstudio
+from grounding.data.records import Box
 from grounding.errors import DataError
 from grounding.inference.grounder import Grounder, Grounding
 
@@ -58,6 +60,34 @@ class ImageGrounding:
                 for grounding in self.groundings
             ],
         }
+
+    def labelstudio_task(self, root: Path, *, model_version: str) -> dict[str, Any]:
+        """This image as a Label Studio task pre-annotated with the answer, for a reviewer to
+        correct: each box above the threshold once, with every phrase that chose it as its
+        text; the prediction's score is the weakest of those boxes' (Label Studio sorts on it).
+        The image is served from Label Studio's local files as its path relative to ``root``
+        (its ``LOCAL_FILES_DOCUMENT_ROOT``); :class:`DataError` if it lies outside."""
+        try:
+            relative = self.path.resolve().relative_to(root.resolve())
+        except ValueError:
+            raise DataError(f"{self.path}: not inside the Label Studio root {root}") from None
+        chosen: dict[tuple[int, ...], list[str]] = {}
+        scores = []
+        for grounding in self.groundings:
+            for found in grounding.boxes:
+                if found.above_threshold:
+                    chosen.setdefault(tuple(found.box), []).append(grounding.phrase)
+                    scores.append(found.score)
+        width, height = self.size
+        return labelstudio.task(
+            relative.name,
+            width,
+            height,
+            [(Box(*box), phrases) for box, phrases in chosen.items()],
+            images=relative.parent.as_posix(),
+            model_version=model_version,
+            score=min(scores) if scores else None,
+        )
 
 
 @dataclass(frozen=True)
