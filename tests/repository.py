@@ -85,4 +85,5 @@ def scratch_env(work: Path) -> dict[str, str]:
 def commit(work: Path, env: dict[str, str], message: str) -> None:
     """Commit everything in ``work`` (``dvc exp run`` needs the lock file committed)."""
     run(["git", "add", "-A"], work, env)
-    run(["git", "commit", "-qm", message], work, env)
+    # --allow-empty: with the project's .gitignore, a commit after a no-op step has nothing new
+    run(["git", "commit", "-q", "--allow-empty", "-m", message], work, env)
