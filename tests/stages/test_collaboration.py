@@ -127,7 +127,7 @@ def test_a_fresh_clone_pulls_main_and_needs_no_training(
         assert (clone / name).read_bytes() == (published.work / name).read_bytes(), name
     shown = json.loads(run(["dvc", "plots", "diff", "main", "--json"], clone, env))
     assert "errors" not in shown, shown["errors"]  # "No storage files available" before
-    assert {"Precision-recall (test pairs)", "reports/plots/precision_recall.csv"} <= set(
+    assert {"Precision-recall (test pairs)", "reports/plots/precision_recall.png"} <= set(
         shown["data"]
     )
     printed = run(
