@@ -356,9 +356,9 @@ def test_served_grounder_answers_http_and_refuses_bad_input_with_400(
         assert all(0.0 <= p["score"] <= 1.0 for p in predictions)
         assert all("trained on sample (" in p["model"] for p in predictions)  # which model
 
-        # the README's commands, on a real photo when there is one: its base64 (over 128 KB)
-        # cannot be one argument of a command line
-        status, body = _readme_serving_example(work, url, tmp_path)
+        # the commands of docs/serving.md, on a real photo when there is one: its base64
+        # (over 128 KB) cannot be one argument of a command line
+        status, body = _documented_serving_example(work, url, tmp_path)
         assert status == 200, body
         assert [p["row"] for p in body["predictions"]] == [0, 0, 0, 1, 1, 1]
 
@@ -387,13 +387,14 @@ def test_served_grounder_answers_http_and_refuses_bad_input_with_400(
         server.wait(timeout=30)
 
 
-def _readme_serving_example(work: Path, url: str, folder: Path) -> tuple[int, dict]:
-    """Run the README's serving example in ``folder`` (build ``body.json`` from
+def _documented_serving_example(work: Path, url: str, folder: Path) -> tuple[int, dict]:
+    """Run the serving example of docs/serving.md in ``folder`` (build ``body.json`` from
     ``photo.jpg``, then ``curl --data-binary @body.json``) against ``url``; the photo is the
     largest real image in ``../shared`` (about 280 KB), else a sample image of ``work``.
     Returns the HTTP status and body."""
-    example = re.search(r"```bash\n(\{ printf.*?)```", README.read_text(encoding="utf-8"), re.S)
-    assert example, "the README's serving example is gone"
+    page = README.parent / "docs" / "serving.md"
+    example = re.search(r"```bash\n(\{ printf.*?)```", page.read_text(encoding="utf-8"), re.S)
+    assert example, "docs/serving.md's serving example is gone"
     real = SHARED_DATA / "images"
     photos = sorted(real.glob("*.jpg"), key=lambda f: f.stat().st_size) if real.is_dir() else []
     photo = photos[-1] if photos else work / "data/sample/images/100000001.jpg"
