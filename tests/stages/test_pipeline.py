@@ -580,6 +580,26 @@ def _wait_for(url: str, seconds: float = 120) -> None:
     raise TimeoutError(f"{url} did not answer in {seconds} s")
 
 
+def test_the_readmes_exp_show_ranks_the_experiments_by_f1_at_120_columns(
+    pipeline: Pipeline,
+) -> None:
+    # after the queue above, before the selective-search experiment commits a new HEAD: three
+    # experiments of HEAD that differ in train.pos_weight
+    work, env = pipeline.work, pipeline.env
+    shown = run(_readme_command("which experiment is best"), work, {**env, "COLUMNS": "120"})
+    lines = shown.splitlines()
+    assert max(map(len, lines)) <= 120, shown
+    assert "…" not in shown, shown  # nothing elided: names and numbers whole
+    header = next(line for line in lines if "Experiment" in line).split()
+    assert header[:4] == ["Experiment", "f1", "recall_at_1", "train.pos_weight"], shown
+    rows = [line for line in lines if re.search(r"\[[\w-]+\]", line)]
+    assert len(rows) >= 3, shown
+    f1s = [float(line.split("]")[1].split()[0]) for line in rows]
+    assert f1s == sorted(f1s, reverse=True), shown  # best first
+    weights = {line.split()[-1] for line in rows}
+    assert weights == {"1.5", "2", "4"}, shown  # the changed param, one value per experiment
+
+
 def test_selective_search_experiment_grounds_with_proposals(pipeline: Pipeline) -> None:
     work, env = pipeline.work, pipeline.env
     commit(work, env, "lock")
@@ -607,25 +627,6 @@ def _readme_command(comment: str) -> list[str]:
         if line.startswith("dvc ") and line.rstrip().endswith(f"# {comment}"):
             return shlex.split(line, comments=True)
     raise AssertionError(f"the README has no `dvc ...  # {comment}` line")
-
-
-def test_the_readmes_exp_show_ranks_the_experiments_by_f1_at_120_columns(
-    pipeline: Pipeline,
-) -> None:
-    # after the queue above: three experiments of HEAD that differ in train.pos_weight
-    work, env = pipeline.work, pipeline.env
-    shown = run(_readme_command("which experiment is best"), work, {**env, "COLUMNS": "120"})
-    lines = shown.splitlines()
-    assert max(map(len, lines)) <= 120, shown
-    assert "…" not in shown, shown  # nothing elided: names and numbers whole
-    header = next(line for line in lines if "Experiment" in line).split()
-    assert header[:4] == ["Experiment", "f1", "recall_at_1", "train.pos_weight"], shown
-    rows = [line for line in lines if re.search(r"\[[\w-]+\]", line)]
-    assert len(rows) >= 3, shown
-    f1s = [float(line.split("]")[1].split()[0]) for line in rows]
-    assert f1s == sorted(f1s, reverse=True), shown  # best first
-    weights = {line.split()[-1] for line in rows}
-    assert weights == {"1.5", "2", "4"}, shown  # the changed param, one value per experiment
 
 
 def _vega_plots_drawn(page: object) -> dict[str, int]:
