@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     name = params.pair.candidates
     regions = candidates.candidate_regions(
         name,
-        params.candidates.settings(name),
+        params.candidates,
         images[images["has_file"]],
         parsed["boxes"],
         io.ImageFolder(params.data.images_dir, images),

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         trained,
         threshold=threshold,
         candidates=proposer,
-        settings=params.candidates.settings(proposer),
+        settings=candidates.settings_of(proposer, params.candidates),
         trained_on=trained_on,
     )
     io.write_weights(*grounder, args.grounder)

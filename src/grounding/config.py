@@ -104,8 +104,8 @@ class PairRayParams:
 
 @dataclass(frozen=True)
 class PairParams:
-    """``candidates``: a generator of :data:`grounding.candidates.GENERATORS` (checked by the
-    registry when the pair stage asks it for the generator); ``engine``: where proposals are
+    """``candidates``: a generator of :data:`grounding.candidates.GENERATORS` (checked, with
+    its settings in the section ``candidates``, by that registry); ``engine``: where proposals are
     computed, a key of :data:`grounding.candidates.engines.ENGINES` (``local`` or ``ray``)."""
 
     candidates: str
@@ -114,27 +114,9 @@ class PairParams:
     ray: PairRayParams
 
 
-@dataclass(frozen=True)
-class SelectiveSearchParams:
-    """:func:`grounding.candidates.selective_search.propose`'s settings (it checks the values)."""
-
-    mode: Literal["fast", "quality"]
-    max_side: int
-    min_size: int
-    dedupe_iou: float
-    max_proposals: int
-
-
-@dataclass(frozen=True)
-class CandidatesParams:
-    """The settings of each candidate generator that has settings, by generator name."""
-
-    selective_search: SelectiveSearchParams
-
-    def settings(self, name: str) -> dict[str, Any]:
-        """The keyword settings of generator ``name`` (empty for one without settings)."""
-        section = getattr(self, name, None)
-        return dataclasses.asdict(section) if section is not None else {}
+#: A params section of component settings, ``{component name: {key: value}}``: each
+#: component's registry (:class:`grounding.registry.Registry`) checks its own entry.
+Sections = dict[str, dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -163,9 +145,9 @@ class FeaturesRayParams:
 
 @dataclass(frozen=True)
 class FeaturesParams:
-    """``backbone``: a packaged backbone name, or a torchvision architecture whose local
-    checkpoint is ``backbone_weights``; ``text_encoder``: the packaged encoder's name or a
-    local Hugging Face model folder; ``engine``: where the backbone runs, a key of
+    """``backbone``: an entry of :data:`grounding.modeling.backbones.BACKBONES`, with a local
+    weights file ``backbone_weights`` (its packaged one when empty); ``text_encoder``: an
+    entry of :data:`grounding.modeling.text.TEXT_ENCODERS`; ``engine``: where the backbone runs, a key of
     :data:`grounding.modeling.engines.ENGINES` (``local`` or ``ray``)."""
 
     backbone: str
@@ -240,7 +222,7 @@ class Params:
     paths: PathParams
     parse: ParseParams
     pair: PairParams
-    candidates: CandidatesParams
+    candidates: Sections  # each candidate generator's settings (grounding.candidates)
     split: SplitParams
     features: FeaturesParams
     train: TrainParams
@@ -250,6 +232,8 @@ class Params:
 
 def _cast(value: Any, annotation: Any, key: str) -> Any:
     """Check ``value`` against the type ``annotation`` and cast where that is lossless."""
+    if annotation is Any:
+        return value
     origin = get_origin(annotation)
     if dataclasses.is_dataclass(annotation):
         return _build(annotation, value, key)
@@ -297,7 +281,11 @@ def _cast(value: Any, annotation: Any, key: str) -> Any:
     return value
 
 
-def _build(cls: type, values: Any, key: str) -> Any:
+def _build(cls: type, values: Any, key: str, *, defaults: bool = False) -> Any:
+    """``cls`` from the mapping ``values`` found at ``key``; with ``defaults``, a field the
+    mapping leaves out takes its default (else every field must be given)."""
+    if values is None and defaults:
+        values = {}
     if not isinstance(values, dict):
         raise ConfigError(f"{key or 'params'}: expected a mapping, got {values!r}")
     hints = typing.get_type_hints(cls)
@@ -309,10 +297,21 @@ def _build(cls: type, values: Any, key: str) -> Any:
             + "".join(f"{hint}; " for hint in _closest_keys(key, unknown, names))
             + f"known: {names}"
         )
-    missing = [name for name in names if name not in values]
+    optional = {
+        field.name
+        for field in dataclasses.fields(cls)
+        if defaults
+        and (
+            field.default is not dataclasses.MISSING
+            or field.default_factory is not dataclasses.MISSING
+        )
+    }
+    missing = [name for name in names if name not in values and name not in optional]
     if missing:
         raise ConfigError(f"missing key(s) {[_join(key, m) for m in missing]}")
-    fields = {name: _cast(values[name], hints[name], _join(key, name)) for name in names}
+    fields = {
+        name: _cast(values[name], hints[name], _join(key, name)) for name in names if name in values
+    }
     try:
         return cls(**fields)
     except ConfigError:
@@ -334,6 +333,13 @@ def _closest_keys(prefix: str, unknown: list[str], names: list[str]) -> list[str
 
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
+
+
+def parse_settings(cls: type, values: Any, key: str) -> Any:
+    """A component's settings: the frozen dataclass ``cls`` from the mapping ``values`` of
+    ``params.yaml`` at ``key`` (``candidates.selective_search``), checked like every section;
+    a key the mapping leaves out takes the dataclass' default."""
+    return _build(cls, values, key, defaults=True)
 
 
 def params_from_dict(values: dict[str, Any]) -> Params:

@@ -1,29 +1,34 @@
 """Candidate regions: the boxes a phrase may be grounded to, from a registry of generators.
 
-A generator is one entry of :data:`GENERATORS`: its name (``pair.candidates`` in
-``params.yaml``, the ``source`` column of the candidates table) and, for a generator that works
-from pixels, ``propose(image, **settings) -> boxes (N, 4)`` with the check of its settings.
-The pair stage, the candidates table's checks, the sweep stage (which picks the generator the
-grounder proposes with) and the grounder all read this registry.
+A generator is one entry of :data:`GENERATORS` (a :class:`~grounding.registry.Registry`): its
+name (``pair.candidates`` in ``params.yaml``, the ``source`` column of the candidates table),
+the dataclass of its settings (``candidates.<name>`` in ``params.yaml``) and ``make(settings,
+*, device)``, which builds a :class:`Proposer` once (a detector loads its weights there). The
+one generator that does not work from pixels is :data:`ANNOTATED`: each image's own annotated
+boxes. The pair stage, the candidates table's checks, the sweep stage (which picks the
+generator the grounder proposes with) and the grounder all read this registry.
+
+A new generator is one module that calls ``GENERATORS.add(...)``, imported at the end of this
+one (its registration).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from PIL import Image
 
 from grounding.boxes import BOX_COLUMNS
-from grounding.candidates import selective_search
 from grounding.candidates.annotated import annotated_regions
 from grounding.candidates.engines import proposal_engine
 from grounding.config import PairRayParams
 from grounding.errors import ConfigError
 from grounding.io.proposal_cache import ProposalCache
+from grounding.registry import Registry
 from grounding.schemas import CANDIDATES
 
 if TYPE_CHECKING:  # pandas costs about 0.5 s to import: grounding one image needs none
@@ -32,79 +37,93 @@ if TYPE_CHECKING:  # pandas costs about 0.5 s to import: grounding one image nee
 Propose = Callable[[Image.Image], np.ndarray]
 
 
-@dataclass(frozen=True)
-class Generator:
-    """``propose(image, **settings)``: boxes from an image's pixels (None: the boxes come from
-    the annotations, so it cannot serve an image nobody annotated); ``check(**settings)``
-    raises :class:`ValueError` for settings out of range; ``version``, part of the proposal
-    cache's key, goes up whenever the same pixels and settings would give other boxes."""
+class Proposer(Protocol):
+    """A generator built with its settings: ``propose(image)`` gives boxes ``(N, 4)`` (``x1,
+    y1, x2, y2`` in the image's pixels, best first; ``N`` at most the generator's budget);
+    ``version``, part of the proposal cache's key, goes up whenever the same pixels and
+    settings would give other boxes."""
 
-    name: str
-    propose: Callable[..., np.ndarray] | None = None
-    check: Callable[..., None] | None = None
-    version: int = 1
+    version: int
+
+    def propose(self, image: Image.Image) -> np.ndarray: ...
+
+
+class FromAnnotations:
+    """What :data:`ANNOTATED` builds: no proposer, the candidates are the annotated boxes (so
+    it cannot serve an image nobody annotated)."""
+
+    version = 1
+
+    def propose(self, image: Image.Image) -> np.ndarray:
+        raise ConfigError(f"candidate generator {ANNOTATED!r} needs annotations; it cannot propose")
 
 
 ANNOTATED = "annotated"
 SELECTIVE_SEARCH = "selective_search"
 
-GENERATORS: dict[str, Generator] = {
-    ANNOTATED: Generator(ANNOTATED),
-    SELECTIVE_SEARCH: Generator(
-        SELECTIVE_SEARCH,
-        selective_search.propose,
-        selective_search.check_settings,
-        selective_search.VERSION,
-    ),
-}
+#: The candidate generators ``pair.candidates`` may name.
+GENERATORS: Registry[Proposer] = Registry("candidate generator", "pair.candidates", "candidates")
+
+GENERATORS.add(ANNOTATED, lambda *, device=None: FromAnnotations())
 
 #: What proposes boxes in new images when the pipeline was trained on annotated ones.
 DEFAULT_PROPOSER = SELECTIVE_SEARCH
 
 
-def generator(name: str) -> Generator:
-    """The generator called ``name``; :class:`ConfigError` listing the known ones otherwise."""
-    try:
-        return GENERATORS[name]
-    except KeyError:
-        raise ConfigError(
-            f"unknown candidate generator {name!r}; known: {sorted(GENERATORS)}"
-        ) from None
+def from_pixels(name: str) -> bool:
+    """Whether generator ``name`` proposes from pixels (every one but :data:`ANNOTATED`);
+    :class:`ConfigError` listing the known ones for an unknown name."""
+    return GENERATORS.choose(name).name != ANNOTATED
 
 
 def proposer_for_new_images(name: str) -> str:
     """The generator that gives candidates in an image nobody annotated: ``name`` itself when it
     works from pixels, else :data:`DEFAULT_PROPOSER`."""
-    return name if generator(name).propose is not None else DEFAULT_PROPOSER
+    return name if from_pixels(name) else DEFAULT_PROPOSER
 
 
-def proposer(name: str, settings: Mapping[str, Any], cache: ProposalCache | None = None) -> Propose:
-    """``image -> boxes (N, 4)`` of the pixel generator ``name`` under its keyword
-    ``settings``, computed once per image and settings when a ``cache`` is given.
-    :class:`ConfigError` for a generator that cannot propose or settings it refuses."""
-    chosen = generator(name)
-    if chosen.propose is None:
+def settings_of(name: str, sections: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Generator ``name``'s checked settings from the ``candidates`` section as a plain
+    mapping (defaults filled in: what a grounder saves beside its weights)."""
+    settings = GENERATORS.settings(name, sections)
+    return dataclasses.asdict(settings) if settings is not None else {}
+
+
+def build_proposer(
+    name: str, settings: Mapping[str, Any] | None = None, *, device: Any = None
+) -> Proposer:
+    """Generator ``name`` built once with its ``settings`` (a mapping, checked) on ``device``."""
+    return GENERATORS.build(name, {GENERATORS.choose(name).name: dict(settings or {})}, device=device)
+
+
+def proposer(
+    name: str,
+    settings: Mapping[str, Any],
+    cache: ProposalCache | None = None,
+    *,
+    device: Any = None,
+) -> Propose:
+    """``image -> boxes (N, 4)`` of the pixel generator ``name`` under its ``settings``,
+    computed once per image and settings when a ``cache`` is given. :class:`ConfigError` for a
+    generator that cannot propose or settings it refuses."""
+    if not from_pixels(name):
         raise ConfigError(f"candidate generator {name!r} needs annotations; it cannot propose")
-    try:
-        if chosen.check is not None:
-            chosen.check(**settings)
-    except (TypeError, ValueError) as error:
-        raise ConfigError(f"candidates.{name}: {error}") from None
-    propose = partial(chosen.propose, **settings)
+    built = build_proposer(name, settings, device=device)
     if cache is None:
-        return propose
-    key = cache_key(name, settings)
-    return lambda image: cache.get(image, key, partial(propose, image))
+        return built.propose
+    key = cache_key(name, settings_of(name, {GENERATORS.choose(name).name: dict(settings)}), built)
+    return lambda image: cache.get(image, key, partial(built.propose, image))
 
 
-def cache_key(name: str, settings: Mapping[str, Any]) -> tuple:
+def cache_key(name: str, settings: Mapping[str, Any], built: Proposer | None = None) -> tuple:
     """What the proposal cache keys generator ``name``'s boxes by, beside the pixels."""
-    return (name, generator(name).version, sorted(settings.items()))
+    version = (built or build_proposer(name, settings)).version
+    return (name, version, sorted(settings.items()))
 
 
 def candidate_regions(
     name: str,
-    settings: Mapping[str, Any],
+    sections: Mapping[str, Any],
     images: pd.DataFrame,
     boxes: pd.DataFrame,
     load_image: Callable[[str], Image.Image],
@@ -115,15 +134,17 @@ def candidate_regions(
     ray_settings: PairRayParams | None = None,
 ) -> dict[str, np.ndarray]:
     """The candidate boxes ``{image_id: boxes (N, 4)}`` of every image in ``images`` (its
-    ``image_id`` column) by generator ``name``: the image's distinct annotated ``boxes``, or the
+    ``image_id`` column) by generator ``name`` with its settings in ``sections`` (the
+    ``candidates`` params section, every entry of which is checked first): the image's distinct annotated ``boxes``, or the
     boxes proposed from its pixels (``load_image(image_id)``; cached when ``cache`` is given)
     by ``engine`` (:data:`grounding.candidates.engines.ENGINES`: ``local``, or ``ray`` with
     ``ray_settings``). ``progress`` wraps the loop over images (a progress bar)."""
     run_engine = proposal_engine(engine)  # checked even when annotations need no engine
-    if generator(name).propose is None:
+    GENERATORS.check_section(sections)
+    if not from_pixels(name):
         return annotated_regions(boxes[boxes["image_id"].isin(set(images["image_id"]))])
     return run_engine(
-        proposer(name, settings, cache),
+        proposer(name, settings_of(name, sections), cache),
         images["image_id"].tolist(),
         load_image,
         progress=progress,
@@ -146,3 +167,7 @@ def candidates_table(regions: Mapping[str, np.ndarray], source: str) -> pd.DataF
     table.insert(0, "region_id", np.arange(len(table), dtype=np.int64))
     table["source"] = source
     return table[list(CANDIDATES.columns)]
+
+
+# Each generator's module registers it (below GENERATORS, which they import).
+from grounding.candidates import selective_search  # noqa: E402,F401

@@ -20,14 +20,16 @@ of boxes does not change: in this order the proposals are a function of the pixe
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 import numpy as np
 from PIL import Image
 
 from grounding.boxes import box_area, box_iou
+from grounding.candidates import GENERATORS, SELECTIVE_SEARCH
 
-#: :attr:`grounding.candidates.Generator.version`: 2 since equal areas are in coordinate order
+#: :attr:`grounding.candidates.Proposer.version`: 2 since equal areas are in coordinate order
 VERSION = 2
 
 
@@ -44,6 +46,31 @@ def check_settings(
         )
     if not 0.0 < dedupe_iou <= 1.0:
         raise ValueError(f"dedupe_iou must be in (0, 1], got {dedupe_iou}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """``candidates.selective_search`` in ``params.yaml`` (see :func:`propose`)."""
+
+    mode: Literal["fast", "quality"] = "fast"
+    max_side: int = 300
+    min_size: int = 16
+    dedupe_iou: float = 0.7
+    max_proposals: int = 100
+
+    def __post_init__(self) -> None:
+        check_settings(**asdict(self))
+
+
+@dataclass(frozen=True)
+class SelectiveSearch:
+    """:func:`propose` with its settings: a :class:`~grounding.candidates.Proposer`."""
+
+    settings: Settings
+    version: int = VERSION
+
+    def propose(self, image: Image.Image) -> np.ndarray:
+        return propose(image, **asdict(self.settings))
 
 
 def propose(
@@ -112,3 +139,10 @@ def dedupe(boxes: np.ndarray, max_iou: float, limit: int) -> np.ndarray:
         kept.append(index)
         kept_boxes = np.vstack([kept_boxes, box])
     return np.asarray(kept, dtype=np.int64)
+
+
+def _make(settings: Settings, *, device: object = None) -> SelectiveSearch:
+    return SelectiveSearch(settings)
+
+
+GENERATORS.add(SELECTIVE_SEARCH, _make, settings=Settings)

