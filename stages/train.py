@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> None:
             train_pairs,
             val_pairs,
             **asdict(params),
+            heads=all_params.heads,
             on_epoch=show,
             on_step=step,
             device=device,

@@ -5,9 +5,11 @@ them. The slow tests load the packaged models instead.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -24,6 +26,7 @@ from grounding.modeling.backbones import IMAGENET_MEAN, IMAGENET_STD, Backbone
 from grounding.modeling.head import HeadConfig, MatchingHead
 from grounding.modeling.scoring import TrainedHead
 from grounding.modeling.text import TextEncoder
+from grounding.registry import Entry, Registry
 from grounding.schemas import FeaturesMeta
 
 #: The name under which :func:`install` registers :func:`pooling_backbone`.
@@ -167,16 +170,26 @@ def packaged_head() -> TrainedHead:
     return TrainedHead(random_head(meta.region_dim, meta.phrase_dim, hidden=16), meta)
 
 
+@contextmanager
+def registered(
+    registry: Registry[Any], name: str, make: Callable[..., Any], settings: type | None = None
+) -> Iterator[None]:
+    """``make`` registered in ``registry`` as ``name`` for the ``with`` block."""
+    registry.add(name, make, settings=settings)
+    try:
+        yield
+    finally:
+        registry.remove(name)
+
+
 def install(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make the stand-ins loadable by name (:data:`POOLING`, :data:`WORDS`), so that a weights
     file of :func:`trained_head` rebuilds into a grounder without the packaged models."""
-    monkeypatch.setitem(backbones.BACKBONES, POOLING, lambda weights: pooling_backbone())
-    real = text.load_text_encoder
-    monkeypatch.setattr(
-        text,
-        "load_text_encoder",
-        lambda name, **options: word_encoder() if name == WORDS else real(name, **options),
-    )
+    for registry, name, make in [
+        (backbones.BACKBONES, POOLING, lambda **_: pooling_backbone()),
+        (text.TEXT_ENCODERS, WORDS, lambda **_: word_encoder()),
+    ]:
+        monkeypatch.setitem(registry._entries, name, Entry(name, make))  # undone after the test
 
 
 def two_shapes() -> Image.Image:

@@ -5,19 +5,19 @@ from __future__ import annotations
 import copy
 import difflib
 from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import pytest
 import yaml
 from conftest import REPO_ROOT
 
 from grounding.config import (
-    CandidatesParams,
     Params,
-    SelectiveSearchParams,
     flatten,
     load_params,
     params_from_dict,
+    parse_settings,
     repo_root,
 )
 from grounding.errors import ConfigError
@@ -150,13 +150,11 @@ def test_flatten() -> None:
 
 
 def test_nested_section_keys_are_named_with_their_full_path(raw: dict[str, Any]) -> None:
-    raw["candidates"]["selective_search"]["mode"] = "slow"  # Literal["fast", "quality"]
-    with pytest.raises(ConfigError, match=r"^candidates\.selective_search\.mode: 'slow' is not"):
+    raw["features"]["ray"]["num_gpus"] = "one"
+    with pytest.raises(ConfigError, match=r"^features\.ray\.num_gpus: expected float, got 'one'"):
         params_from_dict(raw)
-    del raw["candidates"]["selective_search"]["mode"]
-    with pytest.raises(
-        ConfigError, match=r"missing key\(s\) \['candidates\.selective_search\.mode'\]"
-    ):
+    del raw["features"]["ray"]["num_gpus"]
+    with pytest.raises(ConfigError, match=r"missing key\(s\) \['features\.ray\.num_gpus'\]"):
         params_from_dict(raw)
 
 
@@ -182,26 +180,34 @@ def test_generator_format_and_head_names_are_left_to_their_registries(
     )
 
 
-def test_candidates_settings_by_generator_name() -> None:
-    selective_search = SelectiveSearchParams(
-        mode="quality", max_side=200, min_size=8, dedupe_iou=0.6, max_proposals=50
-    )
-    candidates = CandidatesParams(selective_search=selective_search)
-    assert candidates.settings("selective_search") == {
-        "mode": "quality",
-        "max_side": 200,
-        "min_size": 8,
-        "dedupe_iou": 0.6,
-        "max_proposals": 50,
-    }
-    assert candidates.settings("annotated") == {}  # a generator without settings
-
-
-def test_repo_params_give_selective_search_its_settings() -> None:
-    settings = load_params(PARAMS_FILE).candidates.settings("selective_search")
+def test_component_sections_are_plain_mappings_for_their_registries() -> None:
+    params = load_params(PARAMS_FILE)
+    settings = params.candidates["selective_search"]
     assert set(settings) == {"mode", "max_side", "min_size", "dedupe_iou", "max_proposals"}
-    assert settings["mode"] in ("fast", "quality")
-    assert type(settings["dedupe_iou"]) is float
+    assert set(params.heads) >= {"matching", "matching_prior"}
+
+
+@dataclass(frozen=True)
+class Knob:
+    size: int = 3
+    rate: float = 0.5
+    mode: Literal["a", "b"] = "a"
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise ValueError(f"size must be >= 1, got {self.size}")
+
+
+def test_settings_are_checked_against_the_components_dataclass_with_its_defaults() -> None:
+    assert parse_settings(Knob, {}, "x.knob") == Knob()
+    assert parse_settings(Knob, None, "x.knob") == Knob()
+    assert parse_settings(Knob, {"rate": 1}, "x.knob") == Knob(rate=1.0)  # int for a float
+    with pytest.raises(ConfigError, match=r"x\.knob\.mode: 'c' is not one of"):
+        parse_settings(Knob, {"mode": "c"}, "x.knob")
+    with pytest.raises(ConfigError, match=r"x\.knob\.sise: did you mean `size`"):
+        parse_settings(Knob, {"sise": 2}, "x.knob")
+    with pytest.raises(ConfigError, match=r"x\.knob: size must be >= 1"):
+        parse_settings(Knob, {"size": 0}, "x.knob")
 
 
 def test_repo_root_is_dvc_root_when_dvc_runs_the_stage(

@@ -163,8 +163,9 @@ class FeaturesParams:
 
 @dataclass(frozen=True)
 class TrainParams:
-    """``head``: a head of :data:`grounding.modeling.head.HEADS` (checked when it is built:
-    the registry lives beside torch, which this module does not import)."""
+    """``head``: a head of :data:`grounding.modeling.head.HEADS`, whose settings are in the
+    section ``heads`` (checked by that registry when the head is built: it lives beside torch,
+    which this module does not import)."""
 
     head: str
     pos_weight: float
@@ -173,8 +174,6 @@ class TrainParams:
     batch_size: int
     learning_rate: float
     weight_decay: float
-    hidden: int
-    dropout: float
     seed: int
 
 
@@ -226,6 +225,7 @@ class Params:
     split: SplitParams
     features: FeaturesParams
     train: TrainParams
+    heads: Sections  # each head's settings (grounding.modeling.head)
     report: ReportParams
     runtime: RuntimeParams
 

@@ -113,6 +113,10 @@ class Registry(Generic[T]):
         """Every registered name, schemes as ``name:<ref>``."""
         return [f"{e.name}:<ref>" if e.scheme else e.name for e in map(self._entries.get, self)]
 
+    def plain_names(self) -> list[str]:
+        """The names that choose a component on their own (not schemes, which need a ``:ref``)."""
+        return [name for name in self if not self._entries[name].scheme]
+
     def choose(self, value: str) -> Choice[T]:
         """The entry ``value`` names (``name`` or ``scheme:reference``); :class:`ConfigError`
         naming the setting, the closest known name and every known one otherwise."""

@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-from stand_ins import SETTINGS, TWO_SHAPES, two_shapes
+from stand_ins import SETTINGS, TWO_SHAPES, registered, two_shapes
 
 from grounding import candidates
 from grounding.boxes import box_iou
 from grounding.candidates import (
     GENERATORS,
+    build_proposer,
     candidate_regions,
     candidates_table,
-    generator,
+    from_pixels,
     proposer,
     proposer_for_new_images,
+    selective_search,
+    settings_of,
 )
 from grounding.candidates.selective_search import propose
 from grounding.errors import ConfigError
@@ -42,15 +47,18 @@ IMAGES = pd.DataFrame({"image_id": ["1", "2"]})
 
 
 def test_generators_are_registered_by_name() -> None:
-    assert set(GENERATORS) == {"annotated", "selective_search"}
-    assert all(name == entry.name for name, entry in GENERATORS.items())
-    assert generator("annotated").propose is None  # from the annotations, not from pixels
-    assert generator("selective_search").propose is propose
+    assert {"annotated", "selective_search"} <= set(GENERATORS)
+    assert not from_pixels("annotated")  # from the annotations, not from pixels
+    assert from_pixels("selective_search")
+    built = build_proposer("selective_search", SETTINGS)
+    np.testing.assert_array_equal(built.propose(two_shapes()), propose(two_shapes(), **SETTINGS))
 
 
 def test_an_unknown_generator_is_a_config_error_listing_the_known_ones() -> None:
     with pytest.raises(ConfigError, match=r"unknown candidate generator 'proposals'.*annotated"):
-        generator("proposals")
+        from_pixels("proposals")
+    with pytest.raises(ConfigError, match=r"did you mean 'selective_search'"):
+        from_pixels("selectivesearch")
 
 
 def test_new_images_get_a_generator_that_works_from_pixels() -> None:
@@ -58,6 +66,14 @@ def test_new_images_get_a_generator_that_works_from_pixels() -> None:
     assert proposer_for_new_images("annotated") == candidates.DEFAULT_PROPOSER == "selective_search"
     with pytest.raises(ConfigError):
         proposer_for_new_images("nope")
+
+
+def test_settings_of_fills_the_defaults_of_the_generators_dataclass() -> None:
+    assert settings_of("selective_search", {"selective_search": {"max_proposals": 7}}) == {
+        **dataclasses.asdict(selective_search.Settings()),
+        "max_proposals": 7,
+    }
+    assert settings_of("annotated", {}) == {}
 
 
 # --- proposer --------------------------------------------------------------------------------
@@ -78,40 +94,48 @@ def test_proposer_refuses_the_annotated_generator() -> None:
 @pytest.mark.parametrize(
     "settings, message",
     [
-        ({**SETTINGS, "max_side": 8}, "max_side >= 16"),
-        ({**SETTINGS, "mode": "slow"}, "mode must be"),
-        ({k: v for k, v in SETTINGS.items() if k != "min_size"}, "min_size"),
-        ({**SETTINGS, "colour": True}, "colour"),
+        ({**SETTINGS, "max_side": 8}, r"candidates\.selective_search: .*max_side >= 16"),
+        ({**SETTINGS, "mode": "slow"}, r"candidates\.selective_search\.mode: 'slow' is not one of"),
+        ({**SETTINGS, "max_proposal": 3}, r"candidates\.selective_search\.max_proposal.*did you"),
     ],
-    ids=["out of range", "unknown mode", "missing", "unknown"],
+    ids=["out of range", "unknown mode", "unknown key"],
 )
-def test_proposer_refuses_bad_settings_naming_the_section(settings: dict, message: str) -> None:
-    with pytest.raises(ConfigError, match=rf"candidates\.selective_search: .*{message}"):
+def test_proposer_refuses_bad_settings_naming_the_key(settings: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
         proposer("selective_search", settings)
 
 
-def test_proposer_with_a_cache_computes_each_image_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    calls: list[tuple[int, int]] = []
+@dataclasses.dataclass(frozen=True)
+class CountingSettings:
+    size: int = 5
 
-    def counting(image: Image.Image, **settings: object) -> np.ndarray:
-        calls.append(image.size)
-        return np.array([[0, 0, 5, 5]], dtype=np.float32) * len(calls)
 
-    entry = candidates.Generator("selective_search", counting, GENERATORS["selective_search"].check)
-    monkeypatch.setitem(GENERATORS, "selective_search", entry)
-    cache = ProposalCache(tmp_path)
-    cached = proposer("selective_search", SETTINGS, cache)
-    first = cached(two_shapes())
-    np.testing.assert_array_equal(cached(two_shapes()), first)
-    np.testing.assert_array_equal(
-        proposer("selective_search", SETTINGS, cache)(two_shapes()), first
-    )
-    assert len(calls) == 1
-    # other settings are another entry
-    proposer("selective_search", {**SETTINGS, "max_proposals": 5}, cache)(two_shapes())
-    assert len(calls) == 2 and len(list(tmp_path.glob("*.npy"))) == 2
+@dataclasses.dataclass
+class Counting:
+    """A stand-in generator that counts the images it proposes for."""
+
+    settings: CountingSettings
+    calls: ClassVar[list[tuple[int, int]]] = []
+    version: int = 1
+
+    def propose(self, image: Image.Image) -> np.ndarray:
+        self.calls.append(image.size)
+        return np.array([[0, 0, 5, 5]], dtype=np.float32) * len(self.calls)
+
+
+def test_proposer_with_a_cache_computes_each_image_once(tmp_path: Path) -> None:
+    Counting.calls.clear()
+    with registered(GENERATORS, "counting", lambda s, *, device: Counting(s), CountingSettings):
+        cache = ProposalCache(tmp_path)
+        cached = proposer("counting", {}, cache)
+        first = cached(two_shapes())
+        np.testing.assert_array_equal(cached(two_shapes()), first)
+        np.testing.assert_array_equal(proposer("counting", {}, cache)(two_shapes()), first)
+        assert len(Counting.calls) == 1
+        # other settings are another entry
+        proposer("counting", {"size": 6}, cache)(two_shapes())
+    assert len(Counting.calls) == 2 and len(list(tmp_path.glob("*.npy"))) == 2
+    assert "counting" not in GENERATORS
 
 
 # --- candidate_regions -----------------------------------------------------------------------
@@ -141,7 +165,7 @@ def test_selective_search_candidates_come_from_each_image(tmp_path: Path) -> Non
 
     regions = candidate_regions(
         "selective_search",
-        SETTINGS,
+        {"selective_search": SETTINGS},
         IMAGES,
         BOXES,
         load,
@@ -162,7 +186,11 @@ def test_unknown_generator_or_settings_are_refused_before_any_image_is_read() ->
     with pytest.raises(ConfigError, match="unknown candidate generator"):
         candidate_regions("proposals", {}, IMAGES, BOXES, load)
     with pytest.raises(ConfigError, match="max_side"):
-        candidate_regions("selective_search", {**SETTINGS, "max_side": 1}, IMAGES, BOXES, load)
+        candidate_regions(
+            "selective_search", {"selective_search": {"max_side": 1}}, IMAGES, BOXES, load
+        )
+    with pytest.raises(ConfigError, match=r"candidates\.selectve_search: no candidate generator"):
+        candidate_regions("annotated", {"selectve_search": {}}, IMAGES, BOXES, load)
 
 
 # --- the candidates table --------------------------------------------------------------------

@@ -52,7 +52,7 @@ def test_candidate_regions_refuse_an_unknown_engine() -> None:
     with pytest.raises(ConfigError, match="unknown engine 'spark'"):
         candidate_regions(
             SELECTIVE_SEARCH,
-            SETTINGS,
+            {SELECTIVE_SEARCH: SETTINGS},
             pd.DataFrame({"image_id": ["a"]}),
             pd.DataFrame(),
             lambda i: two_shapes(),
@@ -76,7 +76,7 @@ def test_ray_fills_the_cache_that_local_then_reads(local_ray: None, tmp_path: Pa
 
     ray = candidate_regions(
         SELECTIVE_SEARCH,
-        SETTINGS,
+        {SELECTIVE_SEARCH: SETTINGS},
         images,
         pd.DataFrame(),
         load_image,
@@ -88,7 +88,7 @@ def test_ray_fills_the_cache_that_local_then_reads(local_ray: None, tmp_path: Pa
     assert bar == [10]
     assert len(list((tmp_path / "proposals").glob("*.npy"))) == 10  # written by the workers
     local = candidate_regions(
-        SELECTIVE_SEARCH, SETTINGS, images, pd.DataFrame(), load_image, cache=cache
+        SELECTIVE_SEARCH, {SELECTIVE_SEARCH: SETTINGS}, images, pd.DataFrame(), load_image, cache=cache
     )
     assert sorted(ray) == sorted(local)
     for image_id, boxes in local.items():

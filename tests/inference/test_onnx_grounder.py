@@ -228,8 +228,8 @@ def assert_same_answers(onnx: Grounder, torch_grounder: Grounder, images: list) 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backbone_name", sorted(BACKBONES))
-@pytest.mark.parametrize("head_name", sorted(HEADS))
+@pytest.mark.parametrize("backbone_name", BACKBONES.plain_names())
+@pytest.mark.parametrize("head_name", HEADS.plain_names())
 def test_every_registered_head_and_backbone_exports_and_answers_as_torch(
     head_name: str, backbone_name: str, tmp_path: Path
 ) -> None:
@@ -240,7 +240,7 @@ def test_every_registered_head_and_backbone_exports_and_answers_as_torch(
 
     from grounding.inference.grounder import TorchScorer
     from grounding.modeling.backbones import load_backbone
-    from grounding.modeling.head import HeadConfig, build_head
+    from grounding.modeling.head import build_head
     from grounding.modeling.scoring import TrainedHead
 
     images = real_images(2)
@@ -255,7 +255,12 @@ def test_every_registered_head_and_backbone_exports_and_answers_as_torch(
     )
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        head = build_head(head_name, HeadConfig(meta.region_dim, meta.phrase_dim, 16, 0.0))
+        head = build_head(
+            head_name,
+            region_dim=meta.region_dim,
+            phrase_dim=meta.phrase_dim,
+            sections={head_name: {"hidden": 16, "dropout": 0.0}},
+        )
     grounder = Grounder(
         TorchScorer(TrainedHead(head.eval(), meta), backbone, stand_ins.word_encoder()),
         threshold=0.5,

@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from stand_ins import registered
 
 from grounding.modeling import backbones
 from grounding.modeling.backbones import BACKBONES, Backbone, load_backbone
+from grounding.errors import ConfigError
 
 
 def _require_deep_sort() -> None:
@@ -25,7 +27,8 @@ def _require_deep_sort() -> None:
 
 
 def test_packaged_backbones_are_registered() -> None:
-    assert set(BACKBONES) == {"efficientnet-lite0", "mobilenet-v2"}
+    assert {"efficientnet-lite0", "mobilenet-v2", "torchvision"} <= set(BACKBONES)
+    assert "torchvision:resnet50" in BACKBONES and "torchvision" not in BACKBONES
 
 
 def test_a_registered_backbone_is_loaded_frozen_in_eval_mode(
@@ -34,19 +37,20 @@ def test_a_registered_backbone_is_loaded_frozen_in_eval_mode(
     asked: list[Path | None] = []
     trunk = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Dropout(0.5))
 
-    def loader(weights: Path | None) -> Backbone:
+    def loader(*, weights: Path | None, device: object) -> Backbone:
         asked.append(weights)
         return Backbone("tiny", trunk, 1, 4, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
-    monkeypatch.setitem(BACKBONES, "tiny", loader)
     weights = tmp_path / "tiny.pt"
     weights.write_bytes(b"")
-    backbone = load_backbone("tiny", weights)
-    assert asked == [weights]
-    assert backbone.trunk is trunk
-    assert not trunk.training
-    assert not any(parameter.requires_grad for parameter in trunk.parameters())
-    assert load_backbone("tiny").name == "tiny" and asked[-1] is None
+    with registered(BACKBONES, "tiny", loader):
+        backbone = load_backbone("tiny", weights)
+        assert asked == [weights]
+        assert backbone.trunk is trunk
+        assert not trunk.training
+        assert not any(parameter.requires_grad for parameter in trunk.parameters())
+        assert load_backbone("tiny").name == "tiny" and asked[-1] is None
+    assert "tiny" not in BACKBONES
 
 
 def test_mobilenet_without_its_package_says_what_to_install(
@@ -68,28 +72,32 @@ def test_mobilenet_without_its_package_says_what_to_install(
 
 
 def test_unknown_backbone_is_refused() -> None:
-    with pytest.raises(ValueError, match=r"unknown backbone 'resnet-9000'.*efficientnet-lite0"):
+    with pytest.raises(ConfigError, match=r"unknown backbone 'resnet-9000'.*efficientnet-lite0"):
         load_backbone("resnet-9000")
+    with pytest.raises(ConfigError, match=r"unknown backbone 'resnet18'.*torchvision:<ref>"):
+        load_backbone("resnet18")  # a torchvision architecture is named with its scheme
+    with pytest.raises(ConfigError, match=r"torchvision has no classification architecture 'x'"):
+        load_backbone("torchvision:x")
 
 
 def test_missing_weights_file_is_refused(tmp_path: Path) -> None:
     missing = tmp_path / "nope.pth"
     with pytest.raises(ValueError, match=r"weights file .*nope\.pth does not exist"):
-        load_backbone("resnet18", missing)
+        load_backbone("torchvision:resnet18", missing)
     with pytest.raises(ValueError, match="does not exist"):
         load_backbone("efficientnet-lite0", missing)
 
 
 def test_torchvision_architecture_needs_weights() -> None:
-    with pytest.raises(ValueError, match="'resnet18' has no packaged weights"):
-        load_backbone("resnet18")
+    with pytest.raises(ValueError, match="'torchvision:resnet18' needs weights"):
+        load_backbone("torchvision:resnet18")
 
 
 def test_a_pickle_that_is_not_a_state_dict_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "list.pth"
     torch.save([torch.zeros(2)], path)
     with pytest.raises(ValueError, match="not a state_dict"):
-        load_backbone("resnet18", path)
+        load_backbone("torchvision:resnet18", path)
 
 
 # --- torchvision architectures with a local checkpoint -----------------------------------------
@@ -105,7 +113,7 @@ def mobilenet_v3_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_torchvision_architecture_loads_a_checkpoint(mobilenet_v3_checkpoint: Path) -> None:
-    backbone = load_backbone("mobilenet_v3_small", mobilenet_v3_checkpoint)
+    backbone = load_backbone("torchvision:mobilenet_v3_small", mobilenet_v3_checkpoint)
     assert (backbone.stride, backbone.channels) == (32, 576)
     assert backbone.mean == backbones.IMAGENET_MEAN and backbone.std == backbones.IMAGENET_STD
     assert not backbone.trunk.training
@@ -122,14 +130,14 @@ def test_torchvision_architecture_loads_a_checkpoint(mobilenet_v3_checkpoint: Pa
 def test_residual_architecture_trunk_stops_before_pooling(tmp_path: Path) -> None:
     path = tmp_path / "resnet18.pth"
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
-    backbone = load_backbone("resnet18", path)
+    backbone = load_backbone("torchvision:resnet18", path)
     assert (backbone.stride, backbone.channels) == (32, 512)
     assert not any(isinstance(m, torch.nn.AdaptiveAvgPool2d) for m in backbone.trunk.modules())
 
 
 def test_checkpoint_of_another_architecture_is_refused(mobilenet_v3_checkpoint: Path) -> None:
     with pytest.raises(ValueError, match=r"not a state_dict of 'resnet18'.*Missing key"):
-        load_backbone("resnet18", mobilenet_v3_checkpoint)
+        load_backbone("torchvision:resnet18", mobilenet_v3_checkpoint)
 
 
 def test_architecture_without_an_integer_stride_is_refused(tmp_path: Path) -> None:
@@ -137,7 +145,7 @@ def test_architecture_without_an_integer_stride_is_refused(tmp_path: Path) -> No
     path = tmp_path / "squeezenet.pth"
     torch.save(torchvision.models.squeezenet1_0(weights=None).state_dict(), path)
     with pytest.raises(ValueError, match=r"'squeezenet1_0'.*feature map.*\(1, 512, 13, 13\)"):
-        load_backbone("squeezenet1_0", path)
+        load_backbone("torchvision:squeezenet1_0", path)
 
 
 # --- the packaged backbones ------------------------------------------------------------------

@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from stand_ins import random_head
+from stand_ins import random_head, registered
 
 from grounding.errors import ConfigError, DataError
 from grounding.modeling.head import (
     HEADS,
+    Head,
     HeadConfig,
     MatchingHead,
+    MatchingSettings,
     PriorMatchingHead,
     build_head,
     head_config,
     head_from_weights,
-    head_name,
 )
 
 CONFIG = HeadConfig(region_dim=5, phrase_dim=3, hidden=8, dropout=0.0)
@@ -40,34 +41,57 @@ def scores(head: MatchingHead, regions: torch.Tensor, phrases: torch.Tensor) -> 
 # --- the registry ----------------------------------------------------------------------------
 
 
+def build(name: str, config: HeadConfig = CONFIG) -> Head:
+    settings = {"hidden": config.hidden, "dropout": config.dropout}
+    return build_head(
+        name,
+        region_dim=config.region_dim,
+        phrase_dim=config.phrase_dim,
+        sections={name: settings},
+    )
+
+
 def test_the_heads_are_registered() -> None:
-    assert dict(HEADS) == {"matching": MatchingHead, "matching_prior": PriorMatchingHead}
-    head = build_head("matching", CONFIG)
+    assert HEADS.plain_names() == ["matching", "matching_prior"]
+    head = build("matching")
     assert isinstance(head, MatchingHead) and head.config == CONFIG
-    assert head_name(head) == "matching"
+    assert type(build("matching_prior")) is PriorMatchingHead
+    assert head_config(head)["name"] == "matching"
 
 
 def test_an_unknown_head_is_a_config_error_listing_the_known_ones() -> None:
     with pytest.raises(ConfigError, match=r"train.head: unknown head 'transformer'.*matching"):
-        build_head("transformer", CONFIG)
+        build("transformer")
 
 
-def test_a_registered_head_can_be_built_and_named(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_head_takes_its_settings_defaults_and_refuses_bad_ones() -> None:
+    head = build_head("matching", region_dim=5, phrase_dim=3)
+    assert (head.config.hidden, head.config.dropout) == (256, 0.1)  # MatchingSettings()
+    with pytest.raises(ConfigError, match=r"heads\.matching: expected hidden >= 1"):
+        build_head("matching", region_dim=5, phrase_dim=3, sections={"matching": {"hidden": 0}})
+    with pytest.raises(ConfigError, match=r"heads\.matching\.depth"):
+        build_head("matching", region_dim=5, phrase_dim=3, sections={"matching": {"depth": 2}})
+
+
+def test_a_registered_head_can_be_built_and_named() -> None:
     class OtherHead(MatchingHead):
-        pass
+        name = "other"
 
-    monkeypatch.setitem(HEADS, "other", OtherHead)
-    head = build_head("other", CONFIG)
-    assert type(head) is OtherHead
-    assert head_name(head) == "other"
-    assert head_config(head)["name"] == "other"
+    def make(settings: MatchingSettings, *, region_dim: int, phrase_dim: int) -> Head:
+        return OtherHead(HeadConfig(region_dim, phrase_dim, settings.hidden, settings.dropout))
+
+    with registered(HEADS, "other", make, MatchingSettings):
+        head = build("other")
+        assert type(head) is OtherHead
+        assert head_config(head)["name"] == "other"
+        assert type(head_from_weights(head_config(head), head.state_dict())) is OtherHead
 
 
 # --- the matching head -----------------------------------------------------------------------
 
 
 def test_matching_head_embeds_both_sides_in_one_space_and_scores_aligned_pairs() -> None:
-    head = build_head("matching", CONFIG).eval()
+    head = build("matching").eval()
     regions, phrases = inputs()
     embedded_regions, embedded_phrases = head.embed_regions(regions), head.embed_phrases(phrases)
     assert embedded_regions.shape == (7, 8) and embedded_phrases.shape == (4, 8)
@@ -79,7 +103,7 @@ def test_matching_head_embeds_both_sides_in_one_space_and_scores_aligned_pairs()
 
 
 def test_matching_head_scores_the_product_beside_the_projections() -> None:
-    head = build_head("matching", CONFIG).eval()
+    head = build("matching").eval()
     regions, phrases = torch.randn(3, 8), torch.randn(3, 8)
     expected = head.scorer(torch.cat([regions * phrases, regions, phrases], dim=1)).squeeze(1)
     torch.testing.assert_close(head.score(regions, phrases), expected)
@@ -91,7 +115,7 @@ PRIOR_CONFIG = HeadConfig(region_dim=12, phrase_dim=3, hidden=8, dropout=0.0)  #
 
 
 def test_the_prior_head_keeps_the_geometry_beside_the_projection() -> None:
-    head = build_head("matching_prior", PRIOR_CONFIG).eval()
+    head = build("matching_prior", PRIOR_CONFIG).eval()
     regions = torch.randn(6, 12)
     embedded = head.embed_regions(regions)
     assert embedded.shape == (6, 8 + 7)
@@ -102,7 +126,7 @@ def test_the_prior_head_keeps_the_geometry_beside_the_projection() -> None:
 
 def test_the_prior_adds_a_geometry_score_to_the_matching_score() -> None:
     torch.manual_seed(0)
-    head = build_head("matching_prior", PRIOR_CONFIG).eval()
+    head = build("matching_prior", PRIOR_CONFIG).eval()
     regions, phrases = head.embed_regions(torch.randn(4, 12)), head.embed_phrases(torch.randn(4, 3))
     projected, geometry = regions[:, :8], regions[:, 8:]
     expected = MatchingHead.score(head, projected, phrases) + head.prior(
@@ -117,7 +141,7 @@ def test_the_prior_adds_a_geometry_score_to_the_matching_score() -> None:
 def test_the_prior_head_scores_a_grid_block_as_its_rows() -> None:
     # the ONNX export scores (phrases, regions, dim) blocks; training scores (pairs, dim) rows
     torch.manual_seed(0)
-    head = build_head("matching_prior", PRIOR_CONFIG).eval()
+    head = build("matching_prior", PRIOR_CONFIG).eval()
     regions, phrases = head.embed_regions(torch.randn(5, 12)), head.embed_phrases(torch.randn(3, 3))
     with torch.inference_mode():
         grid = head.score(
@@ -129,7 +153,7 @@ def test_the_prior_head_scores_a_grid_block_as_its_rows() -> None:
 
 def test_the_prior_head_rebuilds_from_its_weights() -> None:
     torch.manual_seed(1)
-    head = build_head("matching_prior", PRIOR_CONFIG).eval()
+    head = build("matching_prior", PRIOR_CONFIG).eval()
     again = head_from_weights(head_config(head), head.state_dict())
     assert type(again) is PriorMatchingHead and head_config(again)["name"] == "matching_prior"
     regions, phrases = torch.randn(7, 12), torch.randn(4, 3)

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 from stand_ins import UNKNOWN, WORD_VECTORS, word_encoder
 
+from grounding.errors import ConfigError
 from grounding.modeling.text import (
     TEXT_ENCODERS,
     TextEncoder,
@@ -82,14 +83,15 @@ def test_distinct_phrases_map_every_phrase_to_its_text() -> None:
 
 
 def test_unknown_text_encoder_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"unknown text encoder .*all-minilm-l6-v2"):
+    with pytest.raises(ConfigError, match=r"unknown text encoder .*all-minilm-l6-v2, hf:<ref>"):
         load_text_encoder(str(tmp_path / "no-such-model"))
+    with pytest.raises(ValueError, match=r"'hf:.*no-such-model': no such Hugging Face model"):
+        load_text_encoder(f"hf:{tmp_path / 'no-such-model'}")
 
 
-def test_the_packaged_encoder_is_a_local_model_folder() -> None:
-    assert set(TEXT_ENCODERS) == {"all-minilm-l6-v2"}
-    folder = TEXT_ENCODERS["all-minilm-l6-v2"]()
-    assert (folder / "config.json").is_file()
+def test_the_registry_holds_the_packaged_encoder_and_the_hugging_face_scheme() -> None:
+    assert {"all-minilm-l6-v2", "hf"} <= set(TEXT_ENCODERS)
+    assert "hf:some/model" in TEXT_ENCODERS and "hf" not in TEXT_ENCODERS
 
 
 @pytest.fixture(scope="module")

@@ -20,9 +20,8 @@ SETTINGS = dict(
     batch_size=16,
     learning_rate=3e-3,
     weight_decay=0.0,
-    hidden=32,
-    dropout=0.0,
     seed=0,
+    heads={"matching": {"hidden": 32, "dropout": 0.0}},
 )
 
 
@@ -129,7 +128,7 @@ def test_training_builds_the_head_the_settings_name() -> None:
     result = train_head(features, pairs, pairs, pos_weight=1.0, **{**SETTINGS, "epochs": 1})
     assert type(result.model) is MatchingHead and not result.model.training
     assert (result.model.config.region_dim, result.model.config.phrase_dim) == (6, 6)
-    assert result.model.config.hidden == SETTINGS["hidden"]
+    assert result.model.config.hidden == 32 and result.model.config.dropout == 0.0
     assert len(result.history) == 1
     with pytest.raises(ConfigError, match="unknown head 'transformer'"):
         train_head(features, pairs, pairs, pos_weight=1.0, **{**SETTINGS, "head": "transformer"})

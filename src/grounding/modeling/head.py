@@ -4,25 +4,43 @@ Every head has one interface, :class:`Head`: embed regions, embed phrases, score
 of embeddings. Embedding each distinct region and phrase once and scoring the pairs of them is
 what makes scoring a grid of ``P x N`` pairs cheap; :mod:`grounding.modeling.scoring` is the
 one path that does it, for training, the threshold sweep, the report and the grounder. A head
-is one entry of :data:`HEADS` (``train.head`` in ``params.yaml``).
+is one entry of :data:`HEADS` (``train.head`` in ``params.yaml``) with the dataclass of its
+settings (``heads.<name>``), built as ``make(settings, *, region_dim, phrase_dim)``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from grounding.boxes import GEOMETRY_COLUMNS
 from grounding.errors import ConfigError, DataError
+from grounding.registry import Registry
+
+
+@dataclass(frozen=True)
+class MatchingSettings:
+    """``heads.matching`` (and ``heads.matching_prior``) in ``params.yaml``: the width of the
+    shared space and the dropout of the MLPs."""
+
+    hidden: int = 256
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.hidden < 1 or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(
+                f"expected hidden >= 1 and dropout in [0, 1), got {self.hidden}, {self.dropout}"
+            )
 
 
 @dataclass(frozen=True)
 class HeadConfig:
-    """The shape of a head (saved with its weights)."""
+    """The shape of a matching head (saved with its weights): its inputs' widths and its
+    :class:`MatchingSettings`."""
 
     region_dim: int
     phrase_dim: int
@@ -32,9 +50,12 @@ class HeadConfig:
 
 class Head(nn.Module):
     """The interface of a head: ``embed_regions (N, region_dim) -> (N, D)``, ``embed_phrases
-    (P, phrase_dim) -> (P, D)``, ``score (B, D), (B, D) -> logits (B,)`` of aligned pairs."""
+    (P, phrase_dim) -> (P, D)``, ``score (B, D), (B, D) -> logits (B,)`` of aligned pairs.
+    ``name`` is its registry name; ``config`` (a dataclass with ``region_dim`` and
+    ``phrase_dim`` and its settings) is saved with its weights."""
 
-    config: HeadConfig
+    name: ClassVar[str]
+    config: Any
 
     def embed_regions(self, regions: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -50,6 +71,8 @@ class MatchingHead(Head):
     """Both inputs are projected to a shared space; a small MLP scores their elementwise
     product (the agreement of phrase and region) next to the projections themselves (what is
     being asked for, and what is there). Output: one logit per pair."""
+
+    name = "matching"
 
     def __init__(self, config: HeadConfig) -> None:
         super().__init__()
@@ -77,6 +100,8 @@ class PriorMatchingHead(MatchingHead):
     the image) against the phrase's projection, and its logit is added. "the sky" is wide and
     high, "a shirt" small and central: the matching MLP sees the geometry only after it is mixed
     into the visual channels by one LayerNorm and projection; here it has a path of its own."""
+
+    name = "matching_prior"
 
     def __init__(self, config: HeadConfig) -> None:
         super().__init__(config)
@@ -115,35 +140,39 @@ def _projection(dim: int, hidden: int, dropout: float) -> nn.Sequential:
     )
 
 
-#: The heads ``train.head`` may name: name -> constructor from a :class:`HeadConfig`.
-HEADS: dict[str, Callable[[HeadConfig], Head]] = {
-    "matching": MatchingHead,
-    "matching_prior": PriorMatchingHead,
-}
+def _matching(head: type[MatchingHead]) -> Any:
+    def make(settings: MatchingSettings, *, region_dim: int, phrase_dim: int) -> Head:
+        return head(HeadConfig(region_dim, phrase_dim, settings.hidden, settings.dropout))
+
+    return make
 
 
-def build_head(name: str, config: HeadConfig) -> Head:
-    """A new head ``name``; :class:`ConfigError` listing the known heads otherwise."""
-    if name not in HEADS:
-        raise ConfigError(f"train.head: unknown head {name!r}; known: {sorted(HEADS)}")
-    return HEADS[name](config)
+#: The heads ``train.head`` may name, with their settings in the section ``heads``.
+HEADS: Registry[Head] = Registry("head", "train.head", "heads")
+for _head in (MatchingHead, PriorMatchingHead):
+    HEADS.add(_head.name, _matching(_head), settings=MatchingSettings)
 
 
-def head_name(head: Head) -> str:
-    """The registry name of ``head``'s type."""
-    return next(name for name, make in HEADS.items() if make is type(head))
+def build_head(
+    name: str, *, region_dim: int, phrase_dim: int, sections: Mapping[str, Any] | None = None
+) -> Head:
+    """A new head ``name`` for inputs of these widths, with its settings from ``sections`` (the
+    ``heads`` params section); :class:`ConfigError` listing the known heads otherwise."""
+    return HEADS.build(name, sections, region_dim=region_dim, phrase_dim=phrase_dim)
 
 
 def head_config(head: Head) -> dict[str, Any]:
     """What rebuilds ``head`` beside its weights: ``{"name": ..., "config": {...}}``."""
-    return {"name": head_name(head), "config": asdict(head.config)}
+    return {"name": head.name, "config": asdict(head.config)}
 
 
 def head_from_weights(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Head:
     """Rebuild a head from :func:`head_config`'s output and its ``state_dict``, in eval mode;
     :class:`DataError` when they do not describe a head of this package."""
     try:
-        head = build_head(config["name"], HeadConfig(**config["config"]))
+        shape = dict(config["config"])
+        dims = {"region_dim": shape.pop("region_dim"), "phrase_dim": shape.pop("phrase_dim")}
+        head = build_head(config["name"], **dims, sections={config["name"]: shape})
         head.load_state_dict(tensors)
     except (KeyError, TypeError, RuntimeError, ConfigError) as error:
         raise DataError(f"not a head of this project ({error})") from None

@@ -13,8 +13,9 @@ as a pass over the repeated rows, at the cost of the distinct pairs.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -23,7 +24,7 @@ from torch.nn import functional
 
 from grounding.evaluation.metrics import phrase_ranks, recall_at_k
 from grounding.modeling.device import module_device
-from grounding.modeling.head import Head, HeadConfig, build_head
+from grounding.modeling.head import Head, build_head
 from grounding.modeling.losses import listwise_loss, repeated_pair_loss
 from grounding.modeling.scoring import PairFeatures, pair_logits, score_pairs
 
@@ -170,14 +171,14 @@ def train_head(
     batch_size: int,
     learning_rate: float,
     weight_decay: float,
-    hidden: int,
-    dropout: float,
     seed: int,
+    heads: Mapping[str, Any] | None = None,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     on_step: Callable[[int], None] | None = None,
     device: torch.device | None = None,
 ) -> TrainResult:
-    """Train a new head of type ``head`` (:data:`~grounding.modeling.head.HEADS`);
+    """Train a new head of type ``head`` (:data:`~grounding.modeling.head.HEADS`) with its
+    settings from ``heads`` (the ``heads`` params section; its defaults when absent);
     deterministic on CPU for a given ``seed``.
 
     ``train_pairs`` (``phrase_id, region_id, image_id, label``, or them as
@@ -202,7 +203,10 @@ def train_head(
     with torch.random.fork_rng():  # seeded dropout and init without touching global state
         torch.manual_seed(seed)
         model = build_head(
-            head, HeadConfig(features.regions.shape[1], features.phrases.shape[1], hidden, dropout)
+            head,
+            region_dim=features.regions.shape[1],
+            phrase_dim=features.phrases.shape[1],
+            sections=heads,
         ).to(device)
         optimizer = torch.optim.AdamW(
             model.parameters(), lr=learning_rate, weight_decay=weight_decay
