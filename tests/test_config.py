@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import copy
 import difflib
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import pytest

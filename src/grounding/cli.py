@@ -330,7 +330,7 @@ def _export(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     grounder = load_grounder(args.model, "cpu", where="--device")
     print(f"model: {grounder.describe()}", file=sys.stderr)
-    written = EXPORT_FORMATS[args.format](grounder, args.out)
+    written = EXPORT_FORMATS.build(args.format)(grounder, args.out)
     size = sum(path.stat().st_size for path in written)
     print(
         f"wrote {args.format} export of {args.model} to {args.out}: {len(written)} files, "
@@ -576,7 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     export.add_argument(
-        "--format", choices=sorted(EXPORT_FORMATS), default="onnx", help="default %(default)s"
+        "--format", choices=EXPORT_FORMATS.plain_names(), default="onnx", help="default %(default)s"
     )
     export.add_argument(
         "--model",

@@ -147,8 +147,8 @@ class FeaturesRayParams:
 class FeaturesParams:
     """``backbone``: an entry of :data:`grounding.modeling.backbones.BACKBONES`, with a local
     weights file ``backbone_weights`` (its packaged one when empty); ``text_encoder``: an
-    entry of :data:`grounding.modeling.text.TEXT_ENCODERS`; ``engine``: where the backbone runs, a key of
-    :data:`grounding.modeling.engines.ENGINES` (``local`` or ``ray``)."""
+    entry of :data:`grounding.modeling.text.TEXT_ENCODERS`; ``engine``: where the backbone
+    runs, an entry of :data:`grounding.modeling.engines.ENGINES` (``local`` or ``ray``)."""
 
     backbone: str
     backbone_weights: Path | None

@@ -167,9 +167,7 @@ class Registry(Generic[T]):
             entry = self._entries[name]
             self.settings(f"{name}:x" if entry.scheme else name, sections)
 
-    def build(
-        self, value: str, sections: Mapping[str, Any] | None = None, /, **context: Any
-    ) -> T:
+    def build(self, value: str, sections: Mapping[str, Any] | None = None, /, **context: Any) -> T:
         """Build the component ``value`` names with its checked settings (see
         :meth:`settings`) and the caller's ``context`` (a device, ...)."""
         choice = self.choose(value)

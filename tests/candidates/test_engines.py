@@ -21,7 +21,9 @@ SAMPLE_IMAGES = REPO / "data" / "sample" / "images"
 
 
 def test_an_unknown_engine_is_a_config_error_listing_the_known_ones() -> None:
-    with pytest.raises(ConfigError, match=r"pair.engine: unknown engine 'spark'.*'local', 'ray'"):
+    with pytest.raises(
+        ConfigError, match=r"pair.engine: unknown engine 'spark'.*known: local, ray"
+    ):
         proposal_engine("spark")
 
 
@@ -88,7 +90,12 @@ def test_ray_fills_the_cache_that_local_then_reads(local_ray: None, tmp_path: Pa
     assert bar == [10]
     assert len(list((tmp_path / "proposals").glob("*.npy"))) == 10  # written by the workers
     local = candidate_regions(
-        SELECTIVE_SEARCH, {SELECTIVE_SEARCH: SETTINGS}, images, pd.DataFrame(), load_image, cache=cache
+        SELECTIVE_SEARCH,
+        {SELECTIVE_SEARCH: SETTINGS},
+        images,
+        pd.DataFrame(),
+        load_image,
+        cache=cache,
     )
     assert sorted(ray) == sorted(local)
     for image_id, boxes in local.items():

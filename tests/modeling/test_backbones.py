@@ -13,9 +13,9 @@ import torch
 import torchvision
 from stand_ins import registered
 
+from grounding.errors import ConfigError
 from grounding.modeling import backbones
 from grounding.modeling.backbones import BACKBONES, Backbone, load_backbone
-from grounding.errors import ConfigError
 
 
 def _require_deep_sort() -> None:

@@ -77,7 +77,9 @@ def coloured(tmp_path: Path) -> tuple[Path, pd.DataFrame, pd.DataFrame]:
 
 
 def test_an_unknown_engine_is_a_config_error_listing_the_known_ones() -> None:
-    with pytest.raises(ConfigError, match=r"features.engine: unknown engine 'spark'.*'local'"):
+    with pytest.raises(
+        ConfigError, match=r"features.engine: unknown engine 'spark'.*known: local, ray"
+    ):
         feature_engine("spark")
 
 

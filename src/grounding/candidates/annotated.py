@@ -24,4 +24,3 @@ def annotated_regions(boxes: pd.DataFrame) -> dict[str, np.ndarray]:
         str(image_id): group[BOX_COLUMNS].to_numpy(np.float32)
         for image_id, group in distinct.groupby("image_id", sort=True)
     }
-

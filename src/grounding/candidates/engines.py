@@ -26,6 +26,7 @@ from PIL import Image
 from grounding.config import PairRayParams
 from grounding.errors import USER_ERRORS, ConfigError
 from grounding.io.ray_cluster import connect, error_fields, raise_error
+from grounding.registry import Registry
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -135,13 +136,12 @@ class _Sized:
         return self.length
 
 
-ENGINES: dict[str, ProposalEngine] = {"local": local_proposals, "ray": ray_proposals}
+#: Where the work runs, ``pair.engine``: ``local`` (this process) or ``ray``.
+ENGINES: Registry[ProposalEngine] = Registry("engine", "pair.engine")
+ENGINES.add("local", lambda: local_proposals)
+ENGINES.add("ray", lambda: ray_proposals)
 
 
 def proposal_engine(name: str) -> ProposalEngine:
     """The engine called ``name``; :class:`ConfigError` listing the known ones otherwise."""
-    try:
-        return ENGINES[name]
-    except KeyError:
-        known = sorted(ENGINES)
-        raise ConfigError(f"pair.engine: unknown engine {name!r}; known: {known}") from None
+    return ENGINES.build(name)

@@ -21,7 +21,7 @@ a second instead of several).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,6 +38,7 @@ from grounding.modeling.region_features import (
     scaled_boxes,
     with_whole_image,
 )
+from grounding.registry import Registry
 from grounding.schemas import FeaturesMeta
 
 if TYPE_CHECKING:
@@ -202,5 +203,8 @@ class OnnxScorer:
         return embeddings[inverse.reshape(-1)]
 
 
-#: ``grounding export --format``: name -> writer of a grounder into a folder.
-EXPORT_FORMATS = {"onnx": export_onnx}
+#: ``grounding export --format``: each builds the writer of a grounder into a folder.
+EXPORT_FORMATS: Registry[Callable[[Grounder, Path], list[Path]]] = Registry(
+    "export format", "--format"
+)
+EXPORT_FORMATS.add("onnx", lambda: export_onnx)

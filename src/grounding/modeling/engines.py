@@ -31,12 +31,13 @@ import numpy as np
 
 from grounding.boxes import BOX_COLUMNS
 from grounding.config import FeaturesRayParams
-from grounding.errors import USER_ERRORS, ConfigError
+from grounding.errors import USER_ERRORS
 from grounding.io import ImageFolder
 from grounding.io.ray_cluster import connect, error_fields, raise_error
 from grounding.io.shards import read_shard, write_shard
 from grounding.modeling.backbones import Backbone
 from grounding.modeling.region_features import candidate_features
+from grounding.registry import Registry
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -287,13 +288,12 @@ def ray_device(ray_settings: FeaturesRayParams) -> torch.device:
     return torch.device("cuda" if ray_settings.num_gpus else "cpu")
 
 
-ENGINES: dict[str, FeatureEngine] = {"local": local_features, "ray": ray_features}
+#: Where the work runs, ``features.engine``: ``local`` (this process) or ``ray``.
+ENGINES: Registry[FeatureEngine] = Registry("engine", "features.engine")
+ENGINES.add("local", lambda: local_features)
+ENGINES.add("ray", lambda: ray_features)
 
 
 def feature_engine(name: str) -> FeatureEngine:
     """The engine called ``name``; :class:`ConfigError` listing the known ones otherwise."""
-    try:
-        return ENGINES[name]
-    except KeyError:
-        known = sorted(ENGINES)
-        raise ConfigError(f"features.engine: unknown engine {name!r}; known: {known}") from None
+    return ENGINES.build(name)
