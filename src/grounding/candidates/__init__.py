@@ -139,7 +139,8 @@ def candidate_regions(
     ``image_id`` column) by generator ``name`` with its settings in ``sections`` (the
     ``candidates`` params section, every entry of which is checked first): the image's
     distinct annotated ``boxes``, or the boxes proposed from its pixels
-    (``load_image(image_id)``; cached when ``cache`` is given) by ``engine`` (:data:`grounding.candidates.engines.ENGINES`: ``local``, or ``ray`` with
+    (``load_image(image_id)``; cached when ``cache`` is given) by ``engine``
+    (:data:`grounding.candidates.engines.ENGINES`: ``local``, or ``ray`` with
     ``ray_settings``). ``progress`` wraps the loop over images (a progress bar)."""
     run_engine = proposal_engine(engine)  # checked even when annotations need no engine
     GENERATORS.check_section(sections)
