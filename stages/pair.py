@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     checks = validation.check_paired(
         tables,
         images,
-        types=dataset_format(params.data.format).types,
+        types=dataset_format(params.data.format, params.data.formats).types,
         sources=list(candidates.GENERATORS),
     )
     # the pairs, image batch by image batch: memory bounded by a batch, not by the dataset

@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from grounding import io, validation
 from grounding.config import load_params
-from grounding.data.formats import dataset_format
+from grounding.data.formats import FORMATS, dataset_format
 from grounding.data.tables import build_tables
 from grounding.errors import run
 
@@ -27,11 +27,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     params = load_params(args.params)
     data = params.data
-    fmt = dataset_format(data.format)
+    FORMATS.check_section(data.formats)
+    fmt = dataset_format(data.format, data.formats)
     reader = fmt.open(
         data.root,
         splits=data.splits_dir,
-        files=data.split_files(fmt.name),
+        files=fmt.files,
         skip_bad_files=params.parse.skip_bad_files,
     )
     records = tqdm(reader, desc="parse", unit="image", mininterval=2)

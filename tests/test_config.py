@@ -220,26 +220,12 @@ def test_repo_root_is_dvc_root_when_dvc_runs_the_stage(
     assert repo_root() == tmp_path.resolve()
 
 
-def test_split_files_of_a_format_leave_out_missing_splits(raw: dict[str, Any]) -> None:
-    raw["data"]["odvg"] = {"train": "train.jsonl", "val": None, "test": "test.jsonl"}
+def test_data_collects_the_format_sections_and_still_names_a_typo(raw: dict[str, Any]) -> None:
     data = params_from_dict(raw).data
-    assert data.split_files("odvg") == {"train": Path("train.jsonl"), "test": Path("test.jsonl")}
-    assert data.split_files("flickr30k") == {}  # its split lists are a folder, not files
-
-
-def test_each_format_names_its_split_files(raw: dict[str, Any]) -> None:
-    data = load_params(PARAMS_FILE).data
-    assert data.split_files("odvg") == {
-        "train": Path("train.jsonl"),
-        "val": Path("val.jsonl"),
-        "test": Path("test.jsonl"),
-    }
-    assert data.split_files("mdetr")["test"] == Path("final_flickr_separateGT_test.json")
-    assert data.split_files("flickr30k") == {}  # its split lists live in data.splits
-    raw["data"]["odvg"]["val"] = None  # a dataset without a val split
-    assert set(params_from_dict(raw).data.split_files("odvg")) == {"train", "test"}
-    raw["data"]["odvg"]["dev"] = "dev.jsonl"
-    with pytest.raises(ConfigError, match=r"data\.odvg\.dev"):
+    assert set(data.formats) == {"odvg", "mdetr", "labelstudio"}
+    assert data.formats["odvg"]["train"] == "train.jsonl"  # checked by the format's registry
+    raw["data"]["rooot"] = "elsewhere"  # a scalar is not a section: an unknown key
+    with pytest.raises(ConfigError, match=r"data\.rooot: did you mean `root`"):
         params_from_dict(raw)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from grounding import io
-from grounding.data.formats import FORMATS
+from grounding.data.formats import FORMATS, dataset_format, writable_formats
 from grounding.data.sample import SAMPLE_ROOT, from_sample
 from grounding.errors import ConfigError, DataError, run
 from grounding.inference.loading import PRETRAINED_NAME, is_mlflow_uri, load_grounder
@@ -277,21 +277,22 @@ def _convert(args: argparse.Namespace) -> None:
 
     from grounding.config import load_params
 
-    source, target = FORMATS[args.source], FORMATS[args.target]
-    if target.write is None:  # argparse offers only writable formats
-        raise ConfigError(f"--to {target.name}: the format is read-only")
     if not args.params.is_file():
         raise ConfigError(f"{args.params}: no params file (it names each split's file)")
     data = load_params(args.params).data
-    _check_output(args.output, data.split_files(target.name).values(), force=args.force)
+    source = dataset_format(args.source, data.formats)
+    target = dataset_format(args.target, data.formats)
+    if target.write is None:  # argparse offers only writable formats
+        raise ConfigError(f"--to {target.name}: the format is read-only")
+    _check_output(args.output, target.files.values(), force=args.force)
     reader = source.open(
         args.input,
         splits=args.input / data.splits,
-        files=data.split_files(source.name),
+        files=source.files,
         skip_bad_files=args.skip_bad_files,
     )
     written = target.write(tqdm(reader, desc=f"{source.name} -> {target.name}", unit="image"))
-    files = data.split_files(target.name)
+    files = target.files
     for split, count in written.images.items():
         if count and split not in files:
             raise ConfigError(
@@ -535,14 +536,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--from",
         dest="source",
         required=True,
-        choices=sorted(FORMATS),
+        choices=FORMATS.plain_names(),
         help="the format of IN",
     )
     convert.add_argument(
         "--to",
         dest="target",
         required=True,
-        choices=sorted(name for name, fmt in FORMATS.items() if fmt.write is not None),
+        choices=writable_formats(),
         help="the format to write (flickr30k is read-only)",
     )
     convert.add_argument("input", type=Path, metavar="IN", help="the dataset's folder")

@@ -14,7 +14,7 @@ import re
 import types
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -24,37 +24,31 @@ from grounding.errors import ConfigError
 from grounding.numerics import check_numerics
 
 
-@dataclass(frozen=True)
-class SplitFiles:
-    """The annotation file of each split (None: the dataset has no such split)."""
+#: A params section of component settings, ``{component name: {key: value}}``: each
+#: component's registry (:class:`grounding.registry.Registry`) checks its own entry.
+Sections = dict[str, dict[str, Any]]
 
-    train: Path | None
-    val: Path | None
-    test: Path | None
 
-    def named(self) -> dict[str, Path]:
-        """``{split: file}`` for the splits that have a file."""
-        files = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
-        return {split: name for split, name in files.items() if name is not None}
+#: Marks the field of a params dataclass that collects its component sections.
+SECTIONS = "sections"
 
 
 @dataclass(frozen=True)
 class DataParams:
-    """Where the dataset lives and in which format (a name of
+    """Where the dataset lives and in which format (an entry of
     :data:`grounding.data.formats.FORMATS`, checked when the parse stage opens the data).
 
     ``images`` and ``splits`` (the folder of Flickr30k's split lists) are relative to ``root``
-    unless absolute; so are the files of ``odvg``, ``mdetr`` and ``labelstudio`` (Label Studio
-    JSON exports), whose split is the file.
+    unless absolute. ``formats`` holds every other key of ``data`` whose value is a mapping:
+    each format's own settings by format name (``data.odvg: {train: ...}``: the file of each
+    split, relative to ``root``), checked by that registry.
     """
 
     format: str
     root: Path
     images: Path
     splits: Path
-    odvg: SplitFiles
-    mdetr: SplitFiles
-    labelstudio: SplitFiles
+    formats: Sections = field(default_factory=dict, metadata={SECTIONS: True})
 
     @property
     def images_dir(self) -> Path:
@@ -63,12 +57,6 @@ class DataParams:
     @property
     def splits_dir(self) -> Path:
         return self.root / self.splits
-
-    def split_files(self, name: str) -> dict[str, Path]:
-        """The file of each split of format ``name``, relative to the dataset's root; empty
-        for a format whose annotations are not split into files (flickr30k)."""
-        files = getattr(self, name, None)
-        return files.named() if isinstance(files, SplitFiles) else {}
 
 
 @dataclass(frozen=True)
@@ -112,11 +100,6 @@ class PairParams:
     pos_iou: float
     engine: str
     ray: PairRayParams
-
-
-#: A params section of component settings, ``{component name: {key: value}}``: each
-#: component's registry (:class:`grounding.registry.Registry`) checks its own entry.
-Sections = dict[str, dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -283,13 +266,24 @@ def _cast(value: Any, annotation: Any, key: str) -> Any:
 
 def _build(cls: type, values: Any, key: str, *, defaults: bool = False) -> Any:
     """``cls`` from the mapping ``values`` found at ``key``; with ``defaults``, a field the
-    mapping leaves out takes its default (else every field must be given)."""
+    mapping leaves out takes its default (else every field must be given). A field marked
+    :data:`SECTIONS` takes the keys no other field names whose values are mappings."""
     if values is None and defaults:
         values = {}
     if not isinstance(values, dict):
         raise ConfigError(f"{key or 'params'}: expected a mapping, got {values!r}")
     hints = typing.get_type_hints(cls)
-    names = [field.name for field in dataclasses.fields(cls)]
+    rest = [f.name for f in dataclasses.fields(cls) if f.metadata.get(SECTIONS)]
+    names = [f.name for f in dataclasses.fields(cls) if f.name not in rest]
+    if rest:
+        sections = {
+            name: value or {}
+            for name, value in values.items()
+            if name not in names and isinstance(value, dict | None)
+        }
+        values = {name: value for name, value in values.items() if name not in sections}
+        values[rest[0]] = sections
+        names.append(rest[0])
     unknown = sorted(set(values) - set(names))
     if unknown:
         raise ConfigError(

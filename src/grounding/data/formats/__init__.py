@@ -1,22 +1,24 @@
 """Dataset formats: each one a reader that yields :class:`~grounding.data.records.ImageRecord`,
 and a writer for the formats that can be written.
 
-A format is one entry of :data:`FORMATS`; adding one is one new module and one line here. The
-parse stage names it with ``data.format``; nothing after parse knows which format the data
-came from. ``grounding convert`` reads with one format and writes with another.
+A format is one entry of :data:`FORMATS` (``data.format``), with the dataclass of its settings
+(``data.<name>`` in ``params.yaml``: for a format whose split is its file, each split's file);
+adding one is one new module and one registration here. Nothing after parse knows which format
+the data came from. ``grounding convert`` reads with one format and writes with another.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from grounding.data.formats import flickr30k, labelstudio, mdetr, odvg
-from grounding.data.formats.grounded import Written
+from grounding.data.formats.grounded import SplitFiles, Written
 from grounding.data.records import ImageRecord, RecordReader
-from grounding.errors import ConfigError
+from grounding.registry import Registry
 
 
 class Opener(Protocol):
@@ -38,27 +40,53 @@ class Opener(Protocol):
 class DatasetFormat:
     """``open`` gives the reader of a dataset (see :class:`Opener`); ``write`` turns records
     into each split's file text (None: the format is read-only); ``types`` are the entity
-    types its phrases may carry (None: any text, or none)."""
+    types its phrases may carry (None: any text, or none); ``files``: each split's file from
+    its settings (empty for a format whose split is not its file)."""
 
     name: str
     open: Opener
     write: Callable[[Iterable[ImageRecord]], Written] | None
     types: tuple[str, ...] | None
+    files: Mapping[str, Path] = field(default_factory=dict)
 
 
-FORMATS: dict[str, DatasetFormat] = {
-    "flickr30k": DatasetFormat("flickr30k", flickr30k.Flickr30kReader.open, None, flickr30k.TYPES),
-    "odvg": DatasetFormat("odvg", odvg.OdvgReader.open, odvg.write, None),
-    "mdetr": DatasetFormat("mdetr", mdetr.MdetrReader.open, mdetr.write, None),
-    "labelstudio": DatasetFormat(
-        "labelstudio", labelstudio.LabelStudioReader.open, labelstudio.write, None
-    ),
-}
+def _format(
+    name: str,
+    open: Opener,
+    write: Callable[[Iterable[ImageRecord]], Written] | None,
+    types: tuple[str, ...] | None,
+    settings: SplitFiles | None = None,
+) -> DatasetFormat:
+    return DatasetFormat(name, open, write, types, settings.named() if settings else {})
 
 
-def dataset_format(name: str) -> DatasetFormat:
-    """The format called ``name``; :class:`ConfigError` listing the known ones otherwise."""
-    try:
-        return FORMATS[name]
-    except KeyError:
-        raise ConfigError(f"unknown dataset format {name!r}; known: {sorted(FORMATS)}") from None
+#: The dataset formats ``data.format`` may name, their settings under ``data.<name>``.
+FORMATS: Registry[DatasetFormat] = Registry("dataset format", "data.format", "data")
+FORMATS.add(
+    "flickr30k",
+    partial(_format, "flickr30k", flickr30k.Flickr30kReader.open, None, flickr30k.TYPES),
+)
+FORMATS.add(
+    "odvg", partial(_format, "odvg", odvg.OdvgReader.open, odvg.write, None), settings=odvg.Files
+)
+FORMATS.add(
+    "mdetr",
+    partial(_format, "mdetr", mdetr.MdetrReader.open, mdetr.write, None),
+    settings=mdetr.Files,
+)
+FORMATS.add(
+    "labelstudio",
+    partial(_format, "labelstudio", labelstudio.LabelStudioReader.open, labelstudio.write, None),
+    settings=labelstudio.Files,
+)
+
+
+def dataset_format(name: str, sections: Mapping[str, Any] | None = None) -> DatasetFormat:
+    """The format called ``name`` with its settings from ``sections`` (``data``'s format
+    sections; its defaults when absent); :class:`ConfigError` listing the known ones otherwise."""
+    return FORMATS.build(name, sections)
+
+
+def writable_formats() -> list[str]:
+    """The formats ``grounding convert`` can write."""
+    return [name for name in FORMATS.plain_names() if dataset_format(name).write is not None]

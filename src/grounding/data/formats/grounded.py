@@ -170,6 +170,22 @@ class PendingImages:
         return [self._images[image_id] for image_id in sorted(self._images)]
 
 
+@dataclass(frozen=True)
+class SplitFiles:
+    """The settings of a format whose split is its file (``data.<format>`` in
+    ``params.yaml``): each split's annotation file, relative to the dataset's root (None: the
+    dataset has no such split). Each format subclasses it with its own default file names."""
+
+    train: Path | None = None
+    val: Path | None = None
+    test: Path | None = None
+
+    def named(self) -> dict[str, Path]:
+        """``{split: file}`` for the splits that have a file."""
+        files = {split: getattr(self, split) for split in SPLITS}
+        return {split: name for split, name in files.items() if name is not None}
+
+
 class SplitFilesReader:
     """What the readers of a format whose split is its file share: one file per split, read
     when the reader is made into :class:`PendingImages`; :meth:`read_file` is the format's."""

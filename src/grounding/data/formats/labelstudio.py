@@ -48,6 +48,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
@@ -56,6 +57,7 @@ from grounding.data.formats.grounded import (
     BadRecord,
     GroundedCaption,
     GroundedPhrase,
+    SplitFiles,
     SplitFilesReader,
     Written,
     check_box,
@@ -90,6 +92,15 @@ PIXEL_DECIMALS = 3
 MODEL_VERSION = "grounding convert"
 
 _UPLOAD_PREFIX = re.compile(r"^[0-9a-f]{8}-")
+
+
+@dataclass(frozen=True)
+class Files(SplitFiles):
+    """``data.labelstudio`` in ``params.yaml``: each split's file, relative to the dataset's root."""
+
+    train: Path | None = Path("labelstudio_train.json")
+    val: Path | None = Path("labelstudio_val.json")
+    test: Path | None = Path("labelstudio_test.json")
 
 
 class LabelStudioReader(SplitFilesReader):

@@ -53,6 +53,7 @@ from grounding.data.formats.grounded import (
     GroundedCaption,
     GroundedPhrase,
     PendingImage,
+    SplitFiles,
     SplitFilesReader,
     Written,
     check_box,
@@ -120,6 +121,15 @@ class _Entry:
             for phrase, b in sorted(boxes.items(), key=lambda item: item[0][0])
         ]
         return GroundedCaption(caption, tuple(phrases))
+
+
+@dataclass(frozen=True)
+class Files(SplitFiles):
+    """``data.mdetr`` in ``params.yaml``: each split's file, relative to the dataset's root."""
+
+    train: Path | None = Path("final_flickr_separateGT_train.json")
+    val: Path | None = Path("final_flickr_separateGT_val.json")
+    test: Path | None = Path("final_flickr_separateGT_test.json")
 
 
 class MdetrReader(SplitFilesReader):

@@ -55,6 +55,7 @@ from grounding.data.formats.grounded import (
     GroundedCaption,
     GroundedPhrase,
     PendingImage,
+    SplitFiles,
     SplitFilesReader,
     Written,
     check_box,
@@ -101,6 +102,15 @@ class _Line:
     height: int
     caption: GroundedCaption | None  # None: a detection record without instances
     boxes: dict[Hashable, Box]
+
+
+@dataclass(frozen=True)
+class Files(SplitFiles):
+    """``data.odvg`` in ``params.yaml``: each split's file, relative to the dataset's root."""
+
+    train: Path | None = Path("train.jsonl")
+    val: Path | None = Path("val.jsonl")
+    test: Path | None = Path("test.jsonl")
 
 
 class OdvgReader(SplitFilesReader):
