@@ -23,7 +23,6 @@ import yaml
 from grounding.errors import ConfigError
 from grounding.numerics import check_numerics
 
-
 #: A params section of component settings, ``{component name: {key: value}}``: each
 #: component's registry (:class:`grounding.registry.Registry`) checks its own entry.
 Sections = dict[str, dict[str, Any]]

@@ -96,7 +96,7 @@ _UPLOAD_PREFIX = re.compile(r"^[0-9a-f]{8}-")
 
 @dataclass(frozen=True)
 class Files(SplitFiles):
-    """``data.labelstudio`` in ``params.yaml``: each split's file, relative to the dataset's root."""
+    """``data.labelstudio`` in ``params.yaml``: each split's file, relative to the root."""
 
     train: Path | None = Path("labelstudio_train.json")
     val: Path | None = Path("labelstudio_val.json")
