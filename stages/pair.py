@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
         tables,
         images,
         types=dataset_format(params.data.format, params.data.formats).types,
-        sources=list(candidates.GENERATORS),
+        sources=[name],  # the generator chosen (a scheme's source is its full name)
     )
     # the pairs, image batch by image batch: memory bounded by a batch, not by the dataset
     counts, pair_checks = PairCounts(), []
