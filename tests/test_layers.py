@@ -17,6 +17,7 @@ LAYERS = (
     "boxes",
     "schemas",
     "config",
+    "registry",
     "io",
     "data",
     "candidates",
