@@ -298,7 +298,7 @@ def compare_backbones(args: argparse.Namespace) -> dict[str, Any]:
     """Recall@1 on the test phrases of the pipeline's own head and training (``train:`` of
     params.yaml) on each backbone, image size and set of inputs."""
     params = load_params(REPO / "params.yaml")
-    train_params = asdict(params.train)
+    train_params = {**asdict(params.train), "heads": params.heads}
     torch.set_num_threads(resolve_threads(params.runtime.threads, small_tensors=True))
     if args.epochs is not None:
         train_params["epochs"] = args.epochs

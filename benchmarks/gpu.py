@@ -88,7 +88,7 @@ def run_on(device_spec: str, work: Path, epochs: int | None) -> dict[str, Any]:
     features = PairFeatures.from_arrays(regions, embeddings, phrase_rows)
 
     split = {name: io.read_table(work / paths.split / f"{name}.parquet") for name in SPLITS}
-    settings = asdict(params.train)
+    settings = {**asdict(params.train), "heads": params.heads}
     if epochs is not None:
         settings["epochs"] = epochs
     torch.set_num_threads(resolve_threads(params.runtime.threads, small_tensors=True))

@@ -281,7 +281,9 @@ def main(argv: list[str] | None = None) -> None:
             row: dict = {"variant": text, "train": asdict(params.train), "seconds": 0.0}
         else:
             kwargs = asdict(replace(params.train, **parse_variant(text)))
-            trained = train_head(features, split["train"], split["val"], **kwargs)
+            trained = train_head(
+                features, split["train"], split["val"], **kwargs, heads=params.heads
+            )
             model = trained.model
             row = {"variant": text, "train": kwargs, "seconds": time.perf_counter() - start}
             row["history_val_recall_at_1"] = trained.history["val_recall_at_1"].round(4).tolist()

@@ -155,11 +155,11 @@ def prefill_proposals(work: Path, params: dict) -> None:
     """100 seeded random boxes per image in the proposal cache, under the key the pair stage
     looks them up by (the image's pixels and the generator's settings)."""
     from grounding import io
-    from grounding.candidates import SELECTIVE_SEARCH, cache_key
+    from grounding.candidates import SELECTIVE_SEARCH, cache_key, settings_of
     from grounding.config import params_from_dict
 
     checked = params_from_dict(params)
-    settings = checked.candidates.settings(SELECTIVE_SEARCH)
+    settings = settings_of(SELECTIVE_SEARCH, checked.candidates)
     key = cache_key(SELECTIVE_SEARCH, settings)
     images = io.read_table(work / "data/parsed/images.parquet")
     images = images[images["has_file"]]

@@ -211,11 +211,11 @@ def check_proposals(data: Path, proposals: Path) -> dict[str, int]:
     from tqdm import tqdm
 
     from grounding import io
-    from grounding.candidates import SELECTIVE_SEARCH, cache_key
+    from grounding.candidates import SELECTIVE_SEARCH, cache_key, settings_of
     from grounding.candidates.selective_search import propose
     from grounding.config import load_params
 
-    settings = load_params(REPO / "params.yaml").candidates.settings(SELECTIVE_SEARCH)
+    settings = settings_of(SELECTIVE_SEARCH, load_params(REPO / "params.yaml").candidates)
     key = cache_key(SELECTIVE_SEARCH, settings)
     counts = {"images": 0, "identical": 0, "not_cached": 0}
     for path in tqdm(sorted((data / "images").glob("*.jpg")), desc="proposals", unit="image"):
