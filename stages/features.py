@@ -13,7 +13,13 @@ from grounding.config import load_params
 from grounding.errors import ConfigError, run
 from grounding.modeling.backbones import load_backbone
 from grounding.modeling.device import gpu_memory_hint, loader_workers, resolve_threads, use_runtime
-from grounding.modeling.engines import SHARDS, feature_engine, ray_device
+from grounding.modeling.engines import (
+    ENGINES,
+    SHARDS,
+    EngineResources,
+    feature_engine,
+    ray_device,
+)
 from grounding.modeling.region_features import region_dim
 from grounding.modeling.text import distinct_phrases, encode_phrases, load_text_encoder
 from grounding.numerics import use_numerics
@@ -35,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params(args.params)
     use_numerics(params.runtime.numerics)  # before torch loads
     cfg = params.features
-    engine = feature_engine(cfg.engine)
+    ENGINES.choose(cfg.engine)  # an unknown name fails before any model loads
     device = use_runtime(params.runtime)
     candidates = io.read_table(args.pairs / "candidates.parquet")
     phrases = io.read_table(args.pairs / "phrases.parquet")
@@ -50,6 +56,20 @@ def main(argv: list[str] | None = None) -> None:
     shape = (len(candidates), region_dim(backbone, context=cfg.context))
     advice = f"lower features.batch_size (now {cfg.batch_size}) or set runtime.device: cpu"
     with io.region_features_writer(args.out, shape) as regions, gpu_memory_hint(device, advice):
+        engine = feature_engine(
+            cfg.engine,
+            EngineResources(
+                workers=loader_workers(
+                    device,
+                    resolve_threads(params.runtime.threads, numerics=params.runtime.numerics),
+                ),
+                load_backbone=partial(
+                    load_backbone, cfg.backbone, cfg.backbone_weights, device=ray_device(cfg.ray)
+                ),
+                ray_settings=cfg.ray,
+                shards=args.out / SHARDS,
+            ),
+        )
         per_image = engine(
             backbone,
             candidates,
@@ -58,14 +78,6 @@ def main(argv: list[str] | None = None) -> None:
             image_size=cfg.image_size,
             batch_size=cfg.batch_size,
             context=cfg.context,
-            workers=loader_workers(
-                device, resolve_threads(params.runtime.threads, numerics=params.runtime.numerics)
-            ),
-            load_backbone=partial(
-                load_backbone, cfg.backbone, cfg.backbone_weights, device=ray_device(cfg.ray)
-            ),
-            ray_settings=cfg.ray,
-            shards=args.out / SHARDS,
         )
         n_images = candidates["image_id"].nunique()
         for region_ids, vectors in tqdm(per_image, total=n_images, desc="features", unit="image"):

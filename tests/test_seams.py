@@ -150,7 +150,7 @@ def stand_ins() -> Iterator[None]:
             (
                 feature_engines.ENGINES,
                 "counted",
-                lambda: Counted("features", feature_engines.local_features),
+                lambda resources: Counted("features", feature_engines.local_features),
                 None,
             ),
             (BACKBONES, "pool", lambda *, weights, device: pooling_backbone(), None),

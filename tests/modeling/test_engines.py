@@ -25,6 +25,7 @@ from grounding.io.shards import read_shard
 from grounding.modeling.backbones import load_backbone
 from grounding.modeling.engines import (
     BackboneActor,
+    EngineResources,
     feature_engine,
     image_blocks,
     local_features,
@@ -159,16 +160,14 @@ def test_ray_features_are_local_s_bit_for_bit_on_the_sample(
     )
     shards = tmp_path / "features" / ".shards"
     ray = as_array(
-        feature_engine("ray")(
-            backbone,
-            candidates,
-            images,
-            load_image,
-            **kwargs,
-            load_backbone=partial(load_backbone, "efficientnet-lite0", None),
-            ray_settings=FeaturesRayParams(concurrency=2, num_gpus=0),
-            shards=shards,
-        ),
+        feature_engine(
+            "ray",
+            EngineResources(
+                load_backbone=partial(load_backbone, "efficientnet-lite0", None),
+                ray_settings=FeaturesRayParams(concurrency=2, num_gpus=0),
+                shards=shards,
+            ),
+        )(backbone, candidates, images, load_image, **kwargs),
         len(candidates),
     )
     assert not np.isnan(local).any()

@@ -282,7 +282,11 @@ BAD_SETTINGS = {
             "pair",
             "candidates.selective_search: selective search needs max_side >= 16",
         ),
-        ({"features": {"backbone": "resnet-9000"}}, "features", "features.backbone: unknown backbone"),
+        (
+            {"features": {"backbone": "resnet-9000"}},
+            "features",
+            "features.backbone: unknown backbone",
+        ),
     ],
     ids=["format", "generator", "pair-engine", "features-engine", "settings", "backbone"],
 )

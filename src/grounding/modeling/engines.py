@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
 from itertools import pairwise
 from pathlib import Path
 from types import ModuleType
@@ -31,7 +33,7 @@ import numpy as np
 
 from grounding.boxes import BOX_COLUMNS
 from grounding.config import FeaturesRayParams
-from grounding.errors import USER_ERRORS
+from grounding.errors import USER_ERRORS, ConfigError
 from grounding.io import ImageFolder
 from grounding.io.ray_cluster import connect, error_fields, raise_error
 from grounding.io.shards import read_shard, write_shard
@@ -50,6 +52,9 @@ SHARDS = ".shards"
 
 
 class FeatureEngine(Protocol):
+    """An engine built with its :class:`EngineResources`: the features of the ``candidates`` of
+    ``images``, per image, as :func:`candidate_features` makes them."""
+
     def __call__(
         self,
         backbone: Backbone,
@@ -60,11 +65,19 @@ class FeatureEngine(Protocol):
         image_size: int,
         batch_size: int,
         context: bool,
-        workers: int,
-        load_backbone: Callable[[], Backbone],
-        ray_settings: FeaturesRayParams,
-        shards: Path,
     ) -> RegionFeatures: ...
+
+
+@dataclass(frozen=True)
+class EngineResources:
+    """What the engines may use beside the images, each taking its own: ``workers`` loader
+    processes (``local``); a way to load the backbone in another process, the Ray settings
+    and the folder of the shards (``ray``)."""
+
+    workers: int = 0
+    load_backbone: Callable[[], Backbone] | None = None
+    ray_settings: FeaturesRayParams | None = None
+    shards: Path | None = None
 
 
 def local_features(
@@ -77,7 +90,6 @@ def local_features(
     batch_size: int,
     context: bool,
     workers: int = 0,
-    **_: object,  # the ray engine's settings
 ) -> RegionFeatures:
     """:func:`candidate_features` in this process, with the ``backbone`` already loaded
     (``workers`` loader processes read the images: see
@@ -106,12 +118,11 @@ def ray_features(
     load_backbone: Callable[[], Backbone],
     ray_settings: FeaturesRayParams,
     shards: Path,
-    **_: object,  # the local engine's loader workers: each actor reads its own images
 ) -> RegionFeatures:
     """The features of :func:`local_features`, computed by ``ray_settings.concurrency`` Ray
-    actors that each call ``load_backbone()`` once (``backbone`` itself is not shipped) and
-    hold ``ray_settings.num_gpus`` GPUs. Yields as the shards arrive. Joins the cluster
-    at once, so an unreachable one fails before any work."""
+    actors that each call ``load_backbone()`` once (``backbone`` itself is not shipped; each
+    actor reads its own images) and hold ``ray_settings.num_gpus`` GPUs. Yields as the shards
+    arrive. Joins the cluster at once, so an unreachable one fails before any work."""
     blocks = image_blocks(candidates, images, load_image, batch_size=batch_size)
     if not blocks:
         return iter(())
@@ -127,6 +138,21 @@ def ray_features(
         shards=shards,
     )
     return _read_shards(written, shards)
+
+
+def _local(resources: EngineResources) -> FeatureEngine:
+    return partial(local_features, workers=resources.workers)
+
+
+def _ray(resources: EngineResources) -> FeatureEngine:
+    if resources.load_backbone is None or resources.ray_settings is None or not resources.shards:
+        raise ConfigError("features.engine: ray needs a backbone loader, features.ray and shards")
+    return partial(
+        ray_features,
+        load_backbone=resources.load_backbone,
+        ray_settings=resources.ray_settings,
+        shards=resources.shards,
+    )
 
 
 def _write_shards(
@@ -288,12 +314,14 @@ def ray_device(ray_settings: FeaturesRayParams) -> torch.device:
     return torch.device("cuda" if ray_settings.num_gpus else "cpu")
 
 
-#: Where the work runs, ``features.engine``: ``local`` (this process) or ``ray``.
+#: Where the backbone runs, ``features.engine``: ``local`` (this process) or ``ray``; each
+#: built as ``make(resources=EngineResources(...))``.
 ENGINES: Registry[FeatureEngine] = Registry("engine", "features.engine")
-ENGINES.add("local", lambda: local_features)
-ENGINES.add("ray", lambda: ray_features)
+ENGINES.add("local", _local)
+ENGINES.add("ray", _ray)
 
 
-def feature_engine(name: str) -> FeatureEngine:
-    """The engine called ``name``; :class:`ConfigError` listing the known ones otherwise."""
-    return ENGINES.build(name)
+def feature_engine(name: str, resources: EngineResources | None = None) -> FeatureEngine:
+    """The engine called ``name``, built with ``resources``; :class:`ConfigError` listing the
+    known ones for another name."""
+    return ENGINES.build(name, resources=resources or EngineResources())
