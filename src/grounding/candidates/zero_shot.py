@@ -1,9 +1,9 @@
 """``hf:<model id or folder>``: a zero-shot detector's class-agnostic boxes as candidates.
 
-An OWLv2 or Grounding DINO model of Hugging Face ``transformers``
+An OWLv2, OWL-ViT or Grounding DINO model of Hugging Face ``transformers``
 (:mod:`grounding.modeling.detectors`) proposes the boxes it finds most object-like: OWLv2 by
-its objectness logit (one box per image patch), Grounding DINO by its score for the generic
-``prompt`` (``"object."``). The boxes are clipped to the image, empty ones dropped,
+its objectness logit (one box per image patch), OWL-ViT and Grounding DINO by their score for
+the generic ``prompt`` (``"object."``). The boxes are clipped to the image, empty ones dropped,
 near-duplicates of a better box dropped (non-maximum suppression: IoU above ``nms_iou``;
 1.0 keeps them), and the ``max_proposals`` best kept, best first. There is no score floor: a weak or
 untrained detector still gives its best boxes, as selective search gives its largest.
@@ -33,7 +33,7 @@ VERSION = 1
 @dataclass(frozen=True)
 class Settings:
     """``candidates.hf`` in ``params.yaml``: at most ``max_proposals`` boxes; ``prompt`` is the
-    text Grounding DINO scores boxes by (OWLv2 uses its objectness and ignores it);
+    text OWL-ViT and Grounding DINO score boxes by (OWLv2 uses its objectness instead);
     ``nms_iou``: a box overlapping a better kept box by more than this IoU is dropped."""
 
     max_proposals: int = 100

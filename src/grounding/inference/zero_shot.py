@@ -1,8 +1,8 @@
 """Zero-training grounders: a Hugging Face zero-shot detector grounds the phrases itself.
 
-``grounding predict --model hf:<OWLv2 or Grounding DINO id or folder>`` needs no training:
-the detector, loaded once (:func:`~grounding.modeling.detectors.load_detector`), is both
-parts of a :class:`~grounding.inference.grounder.Grounder`:
+``grounding predict --model hf:<OWLv2, OWL-ViT or Grounding DINO id or folder>`` needs no
+training: the detector, loaded once (:func:`~grounding.modeling.detectors.load_detector`), is
+both parts of a :class:`~grounding.inference.grounder.Grounder`:
 
 - its candidates are the detector's class-agnostic boxes (the ``hf:`` generator of
   :mod:`grounding.candidates.zero_shot`, built on the same loaded model);
@@ -11,11 +11,11 @@ parts of a :class:`~grounding.inference.grounder.Grounder`:
   ``IoU(candidate, detector box) x the phrase's probability for that box``. A candidate that
   is one of the detector's own boxes (always, for OWLv2, whose boxes do not depend on the
   text) gets at least the detector's own probability; a candidate that only half overlaps a
-  confident box gets half its probability, so a loose box never outranks a tight one.
+  confident box gets half that box's probability from it.
 
 The threshold is the one the library's post-processing keeps boxes above by default
-(:data:`THRESHOLDS`: 0.1 for OWLv2, 0.25 for Grounding DINO). :data:`ZERO_SHOT_GROUNDERS`
-maps each detector family to its builder.
+(:data:`THRESHOLDS`: 0.1 for OWLv2 and OWL-ViT, 0.25 for Grounding DINO).
+:data:`ZERO_SHOT_GROUNDERS` maps each detector family to its builder.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from grounding.inference.grounder import Grounder
 from grounding.modeling.detectors import (
     GROUNDING_DINO,
     OWLV2,
+    OWLVIT,
     ZeroShotDetector,
     load_detector,
     model_type,
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
     import torch
 
 #: The default threshold of each family: its library post-processing's default.
-THRESHOLDS: dict[str, float] = {OWLV2: 0.1, GROUNDING_DINO: 0.25}
+THRESHOLDS: dict[str, float] = {OWLV2: 0.1, OWLVIT: 0.1, GROUNDING_DINO: 0.25}
 
 
 class DetectorScorer:
@@ -116,6 +117,7 @@ def detector_grounder(reference: str) -> Grounder:
 #: The zero-training grounder of each family of ``hf:`` model, by ``model_type``.
 ZERO_SHOT_GROUNDERS: dict[str, Callable[[str], Grounder]] = {
     OWLV2: detector_grounder,
+    OWLVIT: detector_grounder,
     GROUNDING_DINO: detector_grounder,
 }
 

@@ -1,4 +1,4 @@
-"""Zero-shot object detectors from Hugging Face ``transformers``: OWLv2 and Grounding DINO.
+"""Zero-shot object detectors from Hugging Face ``transformers``: OWLv2, OWL-ViT, Grounding DINO.
 
 A :class:`ZeroShotDetector` is a model of ``AutoModelForZeroShotObjectDetection`` with its
 ``AutoProcessor``, loaded once from a Hugging Face model id or a local folder
@@ -7,6 +7,8 @@ family in :data:`FAMILIES` runs it through the library's own processor and post-
 
 - ``owlv2``: one box per image patch, the same boxes whatever the text; a query's score of a
   box is the sigmoid of its class logit; class-agnostic, each box has an objectness logit.
+- ``owlvit`` (OWL-ViT, OWLv2's predecessor): the same, without objectness: a box's
+  class-agnostic score is its best score for the parts of a generic prompt (``"object."``).
 - ``grounding-dino``: the queries are joined into one prompt (``"a man. a red shirt."``, the
   form it was trained on) and its boxes depend on that prompt; a query's score of a box is the
   highest sigmoid of the box's logits over the query's tokens (as the library's
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
     import torch
 
 OWLV2 = "owlv2"
+OWLVIT = "owlvit"
 GROUNDING_DINO = "grounding-dino"
 
 
@@ -115,9 +118,7 @@ def load_detector(reference: str, *, device: torch.device | str | None = None) -
         )
     try:
         processor = AutoProcessor.from_pretrained(reference)
-        model = AutoModelForZeroShotObjectDetection.from_pretrained(
-            reference, use_safetensors=True
-        )
+        model = AutoModelForZeroShotObjectDetection.from_pretrained(reference, use_safetensors=True)
     except (OSError, ValueError) as error:
         raise ConfigError(
             f"{where}: cannot load it with safetensors weights ({_one_line(error)}); "
@@ -160,41 +161,55 @@ def _clipped(boxes: torch.Tensor, image: Image.Image) -> np.ndarray:
     return np.clip(boxes.float().cpu().numpy(), 0, limits).astype(np.float32)
 
 
-# OWLv2 ------------------------------------------------------------------------------------
+# OWL-ViT and OWLv2 ------------------------------------------------------------------------
 
 
-def _owlv2_run(model: Any, processor: Any, image: Image.Image, queries: Sequence[str]) -> Any:
+def _owl_run(model: Any, processor: Any, image: Image.Image, queries: Sequence[str]) -> Any:
     inputs = processor(images=image, text=[list(queries)], return_tensors="pt", truncation=True)
     return model(**inputs.to(_device(model)))
 
 
-def _owlv2_boxes(processor: Any, outputs: Any, image: Image.Image) -> np.ndarray:
-    # the library's post-processing knows OWLv2 pads the image to a square; keep every box
+def _owl_boxes(processor: Any, outputs: Any, image: Image.Image) -> np.ndarray:
+    # the library's post-processing knows how each family resized (OWLv2 pads to a square);
+    # keep every box
     (found,) = processor.image_processor.post_process_object_detection(
         outputs, threshold=float("-inf"), target_sizes=_target_size(image)
     )
     return _clipped(found["boxes"], image)
 
 
-def _owlv2_detect(
+def _owl_detect(
     model: Any, processor: Any, image: Image.Image, queries: Sequence[str]
 ) -> Detections:
-    outputs = _owlv2_run(model, processor, image, queries)
+    outputs = _owl_run(model, processor, image, queries)
     scores = outputs.logits[0].sigmoid().T  # (patches, queries) -> (queries, patches)
-    return Detections(_owlv2_boxes(processor, outputs, image), scores.float().cpu().numpy())
+    return Detections(_owl_boxes(processor, outputs, image), scores.float().cpu().numpy())
 
 
 def _owlv2_objectness(
     model: Any, processor: Any, image: Image.Image, prompt: str
 ) -> tuple[np.ndarray, np.ndarray]:
-    outputs = _owlv2_run(model, processor, image, [prompt])  # the text does not move a box
+    outputs = _owl_run(model, processor, image, [prompt])  # the text does not move a box
     scores = outputs.objectness_logits[0].sigmoid().float().cpu().numpy()
-    return _owlv2_boxes(processor, outputs, image), scores
+    return _owl_boxes(processor, outputs, image), scores
 
 
-def _owlv2_side(processor: Any) -> int:
+def _owlvit_objectness(
+    model: Any, processor: Any, image: Image.Image, prompt: str
+) -> tuple[np.ndarray, np.ndarray]:
+    # OWL-ViT has no objectness head: a box's best score for the prompt's parts
+    found = _owl_detect(model, processor, image, _prompt_parts(prompt))
+    return found.boxes, found.scores.max(axis=0)
+
+
+def _owl_side(processor: Any) -> int:
     size = processor.image_processor.size
     return int(max(size["height"], size["width"]))
+
+
+def _prompt_parts(prompt: str) -> list[str]:
+    """The queries of a prompt: ``"person. thing."`` -> ``["person", "thing"]``."""
+    return [" ".join(part.split()) for part in prompt.split(".") if part.strip()]
 
 
 # Grounding DINO ---------------------------------------------------------------------------
@@ -249,7 +264,8 @@ def _dino_run(
             for t, (first, last) in enumerate(offsets)
             if last > first and start <= first and last <= end and t < probabilities.shape[1]
         ]
-        scores[index] = probabilities[:, tokens].amax(dim=1)
+        if tokens:  # else the phrase's tokens fell outside the text the model read: 0
+            scores[index] = probabilities[:, tokens].amax(dim=1)
         start = end + 2  # ". "
     return _clipped(found["boxes"], image), scores.float().cpu().numpy()
 
@@ -271,8 +287,7 @@ def _dino_detect(
 def _dino_objectness(
     model: Any, processor: Any, image: Image.Image, prompt: str
 ) -> tuple[np.ndarray, np.ndarray]:
-    queries = [query for query in (_dino_query(part) for part in prompt.split(".")) if query]
-    found = _dino_detect(model, processor, image, queries)
+    found = _dino_detect(model, processor, image, _prompt_parts(prompt))
     return found.boxes, found.scores.max(axis=0)
 
 
@@ -283,6 +298,7 @@ def _dino_side(processor: Any) -> int:
 
 #: The detector families :func:`load_detector` runs, by ``model_type``.
 FAMILIES: dict[str, Family] = {
-    OWLV2: Family(_owlv2_detect, _owlv2_objectness, _owlv2_side),
+    OWLV2: Family(_owl_detect, _owlv2_objectness, _owl_side),
+    OWLVIT: Family(_owl_detect, _owlvit_objectness, _owl_side),
     GROUNDING_DINO: Family(_dino_detect, _dino_objectness, _dino_side),
 }
