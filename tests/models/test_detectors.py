@@ -229,6 +229,11 @@ def test_a_model_of_another_family_is_refused_by_name(tmp_path: Path) -> None:
         load_grounder(f"hf:{tmp_path}", "cpu")
 
 
+def test_a_missing_folder_is_named(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"hf:.*/missing: no such folder"):
+        load_grounder(f"hf:{tmp_path / 'missing'}", "cpu")
+
+
 def test_pickled_weights_are_refused_without_unpickling(
     detectors: dict[str, Path],
     tmp_path: Path,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -134,6 +135,10 @@ def model_type(reference: str) -> str:
     from its config alone; :class:`ConfigError` with one line if that cannot be read."""
     from transformers import AutoConfig
 
+    # a path, not an id (``namespace/name``): say so, rather than what the Hub says of it
+    path_like = reference.startswith((".", "/")) or reference.count("/") > 1
+    if path_like and not Path(reference).is_dir():
+        raise ConfigError(f"hf:{reference}: no such folder (nor a Hugging Face model id)")
     try:
         config = AutoConfig.from_pretrained(reference)
     except (OSError, ValueError) as error:
