@@ -256,8 +256,10 @@ def _dino_run(
     inputs = processor(images=image, text=prompt, return_tensors="pt", return_offsets_mapping=True)
     offsets = inputs.pop("offset_mapping")[0].tolist()
     outputs = model(**inputs.to(_device(model)))
+    # every box (a threshold below any score), no label (a text threshold above any);
+    # positional: older transformers call the first threshold box_threshold
     (found,) = processor.post_process_grounded_object_detection(
-        outputs, threshold=float("-inf"), text_threshold=1.0, target_sizes=_target_size(image)
+        outputs, inputs["input_ids"], float("-inf"), 1.0, _target_size(image)
     )
     probabilities = outputs.logits[0].sigmoid()  # (boxes, max_text_len)
     scores = torch.zeros((len(queries), probabilities.shape[0]), device=probabilities.device)
