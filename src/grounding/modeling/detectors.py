@@ -92,7 +92,8 @@ class ZeroShotDetector:
 
     def objectness(self, image: Image.Image, prompt: str) -> tuple[np.ndarray, np.ndarray]:
         """Class-agnostic boxes ``(M, 4)`` (image pixels, clipped) and their scores ``(M,)``
-        in [0, 1]: OWLv2's objectness, or Grounding DINO's score for the generic ``prompt``."""
+        in [0, 1]: OWLv2's objectness, or OWL-ViT's and Grounding DINO's score for the
+        generic ``prompt``."""
         import torch
 
         with torch.inference_mode():
