@@ -104,13 +104,15 @@ def proposer(
     cache: ProposalCache | None = None,
     *,
     device: Any = None,
+    built: Proposer | None = None,
 ) -> Propose:
     """``image -> boxes (N, 4)`` of the pixel generator ``name`` under its ``settings``,
-    computed once per image and settings when a ``cache`` is given. :class:`ConfigError` for a
-    generator that cannot propose or settings it refuses."""
+    computed once per image and settings when a ``cache`` is given; ``built``: that generator
+    already built (a detector whose model a grounder shares), else it is built here.
+    :class:`ConfigError` for a generator that cannot propose or settings it refuses."""
     if not from_pixels(name):
         raise ConfigError(f"candidate generator {name!r} needs annotations; it cannot propose")
-    built = build_proposer(name, settings, device=device)
+    built = built or build_proposer(name, settings, device=device)
     if cache is None:
         return built.propose
     key = cache_key(name, settings_of(name, {GENERATORS.choose(name).name: dict(settings)}), built)
@@ -173,4 +175,4 @@ def candidates_table(regions: Mapping[str, np.ndarray], source: str) -> pd.DataF
 
 
 # Each generator's module registers it (below GENERATORS, which they import).
-from grounding.candidates import selective_search  # noqa: E402,F401
+from grounding.candidates import selective_search, zero_shot  # noqa: E402,F401

@@ -262,7 +262,8 @@ class Grounder:
     """Candidates + a :class:`Scorer` + threshold: phrases in, boxes out.
 
     ``candidates`` names the generator of :mod:`grounding.candidates` that proposes boxes in a
-    new image, with its keyword ``settings``; ``trained_on`` is the data the scorer was
+    new image, with its keyword ``settings`` (``built``: that generator already built, when it
+    shares the scorer's model); ``trained_on`` is the data the scorer was
     trained on (None when its file does not say); ``source`` is where the grounder was loaded
     from (a path or an MLflow URI; set by :func:`~grounding.inference.loading.load_grounder`).
     """
@@ -276,7 +277,9 @@ class Grounder:
         settings: dict[str, Any],
         trained_on: TrainedOn | None = None,
         source: str | None = None,
+        built: candidates.Proposer | None = None,
     ) -> None:
+        self.built = built
         self.scorer = scorer
         self.threshold = threshold
         self.candidates = candidates
@@ -334,7 +337,7 @@ class Grounder:
     def proposer(self, cache: Any = None) -> Propose:
         """``image -> boxes`` of this grounder's candidate generator (cached with ``cache``, a
         :class:`~grounding.io.ProposalCache`)."""
-        return candidates.proposer(self.candidates, self.settings, cache)
+        return candidates.proposer(self.candidates, self.settings, cache, built=self.built)
 
     def describe(self) -> str:
         """Which model this is, in words: where it came from and what it was trained on."""

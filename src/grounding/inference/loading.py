@@ -6,6 +6,8 @@ A grounder is loaded from what this project writes, and from nothing else:
 - ``pretrained``: the packaged grounder (trained on real Flickr30k Entities photos);
 - a weights file (``models/grounder.safetensors``): tensors and a JSON config, no code;
 - the folder of an ONNX export (``grounding export``): graphs and JSON, no code;
+- ``hf:<model id or folder>``: a Hugging Face zero-shot detector as a zero-training grounder
+  (:mod:`grounding.inference.zero_shot`; safetensors weights only);
 - an MLflow model folder, or an MLflow model URI (``runs:/<id>/grounder``,
   ``models:/phrase-grounder/<version>``, whose artifacts are downloaded first): its
   ``MLmodel`` file (plain YAML) is read and checked before anything else is touched. Only this
@@ -32,6 +34,8 @@ PRETRAINED_NAME = "pretrained"
 #: What MLflow writes for a model from code, and the code of ours it copies into the model.
 CODE_LOADER = "mlflow.pyfunc.loaders.code_model"
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
+#: ``--model hf:<model id or folder>``: a Hugging Face model grounds without training.
+HF_PREFIX = "hf:"
 #: The name of the grounder's one artifact in the MLflow model.
 ARTIFACT = "grounder"
 
@@ -54,6 +58,11 @@ def load_grounder(model: str, device: str = "auto", *, where: str = "device") ->
             raise DataError(f"{model}: the packaged grounder {path} is missing from this install")
         grounder = _from_path(path, model)
         grounder.source = f"{PRETRAINED_NAME} ({path})"
+    elif model.startswith(HF_PREFIX):  # a zero-training grounder of a Hugging Face model
+        from grounding.inference.zero_shot import zero_shot_grounder
+
+        grounder = zero_shot_grounder(model.removeprefix(HF_PREFIX))
+        grounder.source = model
     elif is_mlflow_uri(model):
         grounder = _from_mlflow_uri(model)
         grounder.source = model
@@ -69,6 +78,8 @@ def load_grounder(model: str, device: str = "auto", *, where: str = "device") ->
 def is_mlflow_uri(model: str) -> bool:
     """Whether ``model`` is an MLflow model URI (``runs:/``, ``models:/``, any ``scheme:/``)
     rather than a local path."""
+    if model.startswith(HF_PREFIX):  # hf:/path/to/folder names a Hugging Face model
+        return False
     scheme, separator, _ = model.partition(":/")
     return bool(separator) and scheme.isidentifier() and len(scheme) > 1
 
