@@ -252,8 +252,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.cached:
         features, meta = cached_features(run, *args.cached)
     else:
-        *arrays, meta = io.read_features(run / "data" / "features")
-        features = PairFeatures.from_arrays(*arrays)
+        stored = io.read_features(run / "data" / "features")
+        features, meta = PairFeatures.stored(stored), stored.meta
     split = {
         name: io.read_table(run / "data" / "split" / f"{name}.parquet")
         for name in ("train", "val", "test")

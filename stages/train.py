@@ -45,8 +45,8 @@ def main(argv: list[str] | None = None) -> None:
     from grounding.modeling.train import TrainingPairs, train_head
 
     device = use_runtime(all_params.runtime, small_tensors=True)
-    *arrays, meta = io.read_features(args.features)
-    features = PairFeatures.from_arrays(*arrays)
+    stored = io.read_features(args.features)
+    features, meta = PairFeatures.stored(stored), stored.meta
     # the training pairs counted image by image, and only the columns scoring needs of the
     # validation pairs: memory bounded by the distinct pairs, never by the pandas table
     train_pairs = TrainingPairs.from_parts(

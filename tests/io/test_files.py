@@ -162,12 +162,12 @@ def test_features_round_trip_with_their_metadata(tmp_path: Path) -> None:
     phrases = np.array([[0.6, 0.8], [1.0, 0.0]], dtype=np.float32)
     phrase_rows = pd.DataFrame({"phrase_id": [5, 7, 9], "row": [0, 1, 0]})
     io.write_features(tmp_path, phrases, phrase_rows, META)
-    read_regions, read_phrases, read_rows, meta = io.read_features(tmp_path)
-    np.testing.assert_array_equal(read_regions, regions)
-    np.testing.assert_array_equal(read_phrases, phrases)
-    pd.testing.assert_frame_equal(read_rows, phrase_rows)
-    assert meta == META
-    assert isinstance(read_regions, np.memmap)  # a large dataset's features are not loaded
+    stored = io.read_features(tmp_path)
+    np.testing.assert_array_equal(stored.regions, regions)
+    np.testing.assert_array_equal(stored.phrases, phrases)
+    pd.testing.assert_frame_equal(stored.phrase_rows, phrase_rows)
+    assert stored.meta == META
+    assert isinstance(stored.regions, np.memmap)  # a large dataset's features are not loaded
 
 
 def test_failed_region_features_leave_no_file(tmp_path: Path) -> None:

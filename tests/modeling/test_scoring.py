@@ -12,7 +12,7 @@ import torch
 from stand_ins import features_meta, random_head
 
 from grounding.errors import DataError
-from grounding.io import read_weights, write_weights
+from grounding.io import StoredFeatures, read_weights, write_weights
 from grounding.modeling.head import Head
 from grounding.modeling.scoring import (
     PairFeatures,
@@ -220,7 +220,8 @@ def test_trained_head_scores_features_made_as_its_own(
     arrays = (features.regions, features.phrases, phrase_rows)
     trained = TrainedHead(head, meta)
     np.testing.assert_array_equal(
-        trained.score((*arrays, meta), pairs), score_pairs(head, features, pairs)
+        trained.score(StoredFeatures(*arrays, meta), pairs), score_pairs(head, features, pairs)
     )
+    other = features_meta(region_dim=REGION_DIM, context=False)
     with pytest.raises(DataError, match="trained on other features"):
-        trained.score((*arrays, features_meta(region_dim=REGION_DIM, context=False)), pairs)
+        trained.score(StoredFeatures(*arrays, other), pairs)

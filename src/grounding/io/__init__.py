@@ -4,6 +4,7 @@ file formats; stages read and write through it."""
 
 from grounding.io.files import (
     FIGURE_FORMATS,
+    StoredFeatures,
     TableWriter,
     atomic,
     check_writable_file,
@@ -50,6 +51,7 @@ __all__ = [
     "PICTURE_FORMATS",
     "ImageFolder",
     "ProposalCache",
+    "StoredFeatures",
     "TableWriter",
     "atomic",
     "check_writable_file",

@@ -17,6 +17,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -434,9 +435,21 @@ def write_features(
     write_json(meta.to_dict(), folder / FEATURES_META)
 
 
-def read_features(folder: Path) -> tuple[np.ndarray, np.ndarray, pd.DataFrame, FeaturesMeta]:
+@dataclass(frozen=True)
+class StoredFeatures:
+    """The features stage's folder: ``regions (R, region_dim)`` (row ``region_id``),
+    ``phrases (P, phrase_dim)`` (distinct texts), ``phrase_rows`` (``phrase_id, row`` into
+    ``phrases``) and how they were made (``meta``)."""
+
+    regions: np.ndarray
+    phrases: np.ndarray
+    phrase_rows: pd.DataFrame
+    meta: FeaturesMeta
+
+
+def read_features(folder: Path) -> StoredFeatures:
     """What :func:`write_features` wrote; the arrays are memory-mapped."""
-    return (
+    return StoredFeatures(
         read_array(folder / REGION_FEATURES, mmap=True),
         read_array(folder / PHRASE_FEATURES, mmap=True),
         read_table(folder / PHRASE_ROWS),

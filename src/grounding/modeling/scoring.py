@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from grounding.errors import DataError
+from grounding.io import StoredFeatures
 from grounding.modeling.device import module_device
 from grounding.modeling.head import Head, head_config, head_from_weights
 from grounding.schemas import FeaturesMeta
@@ -92,6 +93,11 @@ class PairFeatures:
     ) -> PairFeatures:
         """From the features stage's arrays and its ``phrase_id, row`` table."""
         return cls(regions, phrases, phrase_rows.set_index("phrase_id")["row"])
+
+    @classmethod
+    def stored(cls, features: StoredFeatures) -> PairFeatures:
+        """From the features stage's folder as :func:`grounding.io.read_features` reads it."""
+        return cls.from_arrays(features.regions, features.phrases, features.phrase_rows)
 
     def rows(self, pairs: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         """The region rows and phrase rows ``(N,), (N,)`` of ``pairs``' ``region_id, phrase_id``."""
@@ -197,17 +203,12 @@ class TrainedHead:
         self.head.to(device)
         return self
 
-    def score(
-        self,
-        features: tuple[np.ndarray, np.ndarray, pd.DataFrame, FeaturesMeta],
-        pairs: pd.DataFrame,
-    ) -> np.ndarray:
-        """Probabilities ``(N,)`` of ``pairs`` on the features stage's output (its arrays,
-        phrase rows and metadata, as :func:`grounding.io.read_features` gives them), after
-        checking that they were made as this head's training features were."""
-        *arrays, meta = features
-        self.check_features(meta)
-        return score_pairs(self.head, PairFeatures.from_arrays(*arrays), pairs)
+    def score(self, features: StoredFeatures, pairs: pd.DataFrame) -> np.ndarray:
+        """Probabilities ``(N,)`` of ``pairs`` on the features stage's output (as
+        :func:`grounding.io.read_features` reads it), after checking that they were made as
+        this head's training features were."""
+        self.check_features(features.meta)
+        return score_pairs(self.head, PairFeatures.stored(features), pairs)
 
     def check_features(self, features: FeaturesMeta) -> None:
         """Raise :class:`DataError` unless ``features`` were made as the head's were."""
