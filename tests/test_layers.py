@@ -20,9 +20,9 @@ LAYERS = (
     "registry",
     "io",
     "data",
-    "candidates",
     "evaluation",
     "modeling",
+    "candidates",  # above modeling: a detector generator holds a model on a device
     "inference",
     "validation",
     "tracking",
