@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
         tables,
         images,
         types=dataset_format(params.data.format).types,
-        sources=list(candidates.GENERATORS),
+        sources=[*candidates.GENERATORS, name],  # a scheme's source is `scheme:<reference>`
     )
     # the pairs, image batch by image batch: memory bounded by a batch, not by the dataset
     counts, pair_checks = PairCounts(), []

@@ -121,21 +121,38 @@ def _mobilenet_v2(*, weights: Path | None, device: object = None) -> Backbone:
 
 
 def _torchvision_backbone(name: str, *, weights: Path | None, device: object = None) -> Backbone:
+    """``torchvision:<name>``: a classification architecture's trunk, or a detection builder's
+    backbone (with its FPN) at the level nearest stride 16 (:class:`DetectionTrunk`), with
+    the pretrained weights of torchvision's weights API (its cache, downloaded when absent,
+    read without unpickling: :mod:`grounding.modeling.torchvision_models`) or, when given,
+    the local checkpoint ``weights`` (the whole model's ``state_dict``)."""
     import torch
     import torchvision
 
-    if name not in torchvision.models.list_models(module=torchvision.models):
+    from grounding.errors import DataError
+    from grounding.modeling.torchvision_models import (
+        DetectionTrunk,
+        builders,
+        pretrained_model,
+    )
+
+    detection = name in builders(torchvision.models.detection)
+    if not detection and name not in builders(torchvision.models):
         raise ConfigError(
-            f"features.backbone: torchvision has no classification architecture {name!r}"
+            f"features.backbone: torchvision has no classification architecture or detection "
+            f"builder {name!r}"
         )
-    if weights is None:
-        raise ValueError(
-            f"backbone 'torchvision:{name}' needs weights: set features.backbone_weights to a "
-            "local checkpoint file (its state_dict); random weights would give meaningless features"
-        )
-    model = torchvision.models.get_model(name, weights=None)
-    _load_state(model, _read_state(weights), name, weights)
-    trunk = _classifier_trunk(model, name)
+    try:
+        model = pretrained_model(name, checkpoint=weights)
+    except DataError as error:  # this module's contract: ValueError for weights that do not fit
+        raise ValueError(f"backbone 'torchvision:{name}': {error}") from None
+    model.eval()
+    if detection:
+        trunk: nn.Module = DetectionTrunk.nearest(model.backbone, _PROBE_SIZE)
+        mean = tuple(float(v) for v in model.transform.image_mean)
+        std = tuple(float(v) for v in model.transform.image_std)
+    else:
+        trunk, mean, std = _classifier_trunk(model, name), IMAGENET_MEAN, IMAGENET_STD
     trunk.eval()
     with torch.inference_mode():
         shape = tuple(trunk(torch.zeros(1, 3, _PROBE_SIZE, _PROBE_SIZE)).shape)
@@ -145,7 +162,12 @@ def _torchvision_backbone(name: str, *, weights: Path | None, device: object = N
             f"(a {_PROBE_SIZE} px square gave {shape})"
         )
     return Backbone(
-        f"torchvision:{name}", trunk, _PROBE_SIZE // shape[2], shape[1], IMAGENET_MEAN, IMAGENET_STD
+        f"torchvision:{name}",
+        trunk,
+        _PROBE_SIZE // shape[2],
+        shape[1],
+        mean,  # type: ignore[arg-type]
+        std,  # type: ignore[arg-type]
     )
 
 
