@@ -41,8 +41,9 @@ if TYPE_CHECKING:
 
 DEFAULT_WEIGHTS = "DEFAULT"
 
-# torch's refusal names the first object it will not unpickle: "Unsupported global: GLOBAL print"
-_UNSUPPORTED = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+# torch's refusal names the first object it will not unpickle: "Unsupported global: GLOBAL
+# print ...", "Trying to load unsupported GLOBAL posix.mkdir whose module posix is blocked"
+_UNSUPPORTED = re.compile(r"GLOBAL ([\w.]+)")
 
 
 def builders(module: ModuleType) -> list[str]:
