@@ -215,9 +215,9 @@ def test_weights_of_another_model_are_refused_with_the_keys(tmp_path: Path) -> N
     with pytest.raises(DataError, match=rf"not a state_dict of '{FASTER_RCNN}': Missing key"):
         candidates.build_proposer(f"torchvision:{FASTER_RCNN}")
     torch.save([torch.zeros(2)], tmp_path / "list.pth")
-    with pytest.raises(DataError, match=r"list.pth: not a state_dict \(a mapping"):
+    with pytest.raises(DataError, match=r"list\.pth: not a state_dict \(a mapping"):
         read_state_dict(tmp_path / "list.pth")
-    with pytest.raises(DataError, match="absent.pth: not a PyTorch weights file"):
+    with pytest.raises(DataError, match=r"absent\.pth: not a PyTorch weights file"):
         read_state_dict(tmp_path / "absent.pth")
 
 

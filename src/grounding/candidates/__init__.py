@@ -170,5 +170,7 @@ def candidates_table(regions: Mapping[str, np.ndarray], source: str) -> pd.DataF
 
 
 # Each generator's module registers it (below GENERATORS, which they import).
-from grounding.candidates import detection  # noqa: E402,F401  (torchvision:<builder>)
-from grounding.candidates import selective_search  # noqa: E402,F401
+from grounding.candidates import (  # noqa: E402,F401
+    detection,  # torchvision:<builder>
+    selective_search,
+)
