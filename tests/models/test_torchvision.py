@@ -395,3 +395,39 @@ def test_predict_grounds_with_a_detector_and_its_backbone(
         x1, y1, x2, y2 = found["box"]
         assert 0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height
     assert offline == []
+
+
+def test_a_grounder_builds_its_detector_once_for_many_images(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from grounding.candidates import detection
+    from grounding.inference.grounder import Grounder
+
+    built: list[str] = []
+
+    class CountedDetector:
+        version = 1
+
+        def __init__(self, builder: str, settings: Settings, *, device: object = None) -> None:
+            built.append(builder)
+
+        def propose(self, image: Image.Image) -> np.ndarray:
+            return np.array([[0, 0, 20, 20], [10, 10, 40, 30]], dtype=np.float32)
+
+    class ZeroScorer:
+        def score(self, image: Image.Image, boxes: np.ndarray, phrases: list[str]) -> np.ndarray:
+            return np.zeros((len(phrases), len(boxes)))
+
+    monkeypatch.setattr(detection, "Detector", CountedDetector)
+    grounder = Grounder(
+        ZeroScorer(),  # type: ignore[arg-type]
+        threshold=0.5,
+        candidates=f"torchvision:{FASTER_RCNN}",
+        settings={"max_proposals": 2},
+    )
+    for _ in range(3):
+        assert grounder.ground(sample_image(), ["a shape"])[0].box == (0, 0, 20, 20)
+    assert built == [FASTER_RCNN]
+    grounder.settings = {"max_proposals": 1}  # other settings: another detector
+    grounder.ground(sample_image(), ["a shape"])
+    assert built == [FASTER_RCNN, FASTER_RCNN]

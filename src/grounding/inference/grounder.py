@@ -283,6 +283,7 @@ class Grounder:
         self.settings = settings
         self.trained_on = trained_on
         self.source = source
+        self._built: tuple[tuple[str, str], Propose] | None = None  # see _default_proposals
 
     @property
     def features(self) -> FeaturesMeta:
@@ -334,7 +335,16 @@ class Grounder:
     def proposer(self, cache: Any = None) -> Propose:
         """``image -> boxes`` of this grounder's candidate generator (cached with ``cache``, a
         :class:`~grounding.io.ProposalCache`)."""
-        return candidates.proposer(self.candidates, self.settings, cache)
+        device = getattr(self.scorer, "device", None)  # a detector runs where the scorer does
+        return candidates.proposer(self.candidates, self.settings, cache, device=device)
+
+    def _default_proposals(self) -> Propose:
+        """:meth:`proposer` without a cache, built once per generator and settings: a detector
+        loads its weights once, not once per image (serving grounds image by image)."""
+        key = (self.candidates, repr(sorted(self.settings.items())))
+        if self._built is None or self._built[0] != key:
+            self._built = (key, self.proposer())
+        return self._built[1]
 
     def describe(self) -> str:
         """Which model this is, in words: where it came from and what it was trained on."""
@@ -367,7 +377,7 @@ class Grounder:
         check_top_k(top_k)
         phrases = check_phrases(phrases)
         image = check_image(image)
-        boxes = (proposals or self.proposer())(image)
+        boxes = (proposals or self._default_proposals())(image)
         if len(boxes) == 0:
             reason = (
                 f"no candidate survived: every box {self.candidates} found was filtered out "
