@@ -175,4 +175,8 @@ def candidates_table(regions: Mapping[str, np.ndarray], source: str) -> pd.DataF
 
 
 # Each generator's module registers it (below GENERATORS, which they import).
-from grounding.candidates import selective_search, zero_shot  # noqa: E402,F401
+from grounding.candidates import (  # noqa: E402,F401
+    detection,  # torchvision:<builder>
+    selective_search,
+    zero_shot,  # hf:<ref>
+)

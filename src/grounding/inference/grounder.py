@@ -323,6 +323,8 @@ class Grounder:
     def place(self, device: str, where: str = "device") -> Grounder:
         """This grounder on the device ``device`` names (see :meth:`Scorer.place`)."""
         self.scorer.place(device, where)
+        if self.built is not None and getattr(self.built, "device", None) is not None:
+            self.built = None  # a generator with a model of its own: rebuilt where the scorer is
         return self
 
     @property
@@ -337,7 +339,16 @@ class Grounder:
     def proposer(self, cache: Any = None) -> Propose:
         """``image -> boxes`` of this grounder's candidate generator (cached with ``cache``, a
         :class:`~grounding.io.ProposalCache`)."""
-        return candidates.proposer(self.candidates, self.settings, cache, built=self.built)
+        return candidates.proposer(self.candidates, self.settings, cache, built=self.generator())
+
+    def generator(self) -> candidates.Proposer:
+        """This grounder's candidate generator, built once where the scorer runs: a detector
+        loads its weights once, not once per image (serving grounds image by image), and a
+        zero-shot detector given at construction shares the scorer's model."""
+        if self.built is None:
+            device = getattr(self.scorer, "device", None)
+            self.built = candidates.build_proposer(self.candidates, self.settings, device=device)
+        return self.built
 
     def describe(self) -> str:
         """Which model this is, in words: where it came from and what it was trained on."""
@@ -399,7 +410,9 @@ def proposer_of(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     :class:`TypeError` if the config has no such entry."""
     name = config["candidates"]["name"]
     settings = dict(config["candidates"]["settings"])
-    candidates.proposer(name, settings)  # refuses a generator or settings it lacks
+    if not candidates.from_pixels(name):  # refuses a generator this install lacks
+        raise ConfigError(f"candidate generator {name!r} needs annotations; it cannot propose")
+    candidates.settings_of(name, {candidates.GENERATORS.choose(name).name: settings})  # checked
     return name, settings
 
 

