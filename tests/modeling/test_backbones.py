@@ -88,9 +88,18 @@ def test_missing_weights_file_is_refused(tmp_path: Path) -> None:
         load_backbone("efficientnet-lite0", missing)
 
 
-def test_torchvision_architecture_needs_weights() -> None:
-    with pytest.raises(ValueError, match="'torchvision:resnet18' needs weights"):
+def test_torchvision_architecture_without_weights_says_where_to_place_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def offline(url: str, *args: object, **kwargs: object) -> None:
+        raise OSError(f"no network for {url}")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    checkpoints = tmp_path / "hub" / "checkpoints"
+    with pytest.raises(ValueError, match=rf"'torchvision:resnet18'.*place the file resnet18-"):
         load_backbone("torchvision:resnet18")
+    assert checkpoints.is_dir()  # torchvision's own cache folder, where the file goes
 
 
 def test_a_pickle_that_is_not_a_state_dict_is_refused(tmp_path: Path) -> None:
