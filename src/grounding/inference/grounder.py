@@ -284,6 +284,7 @@ class Grounder:
         self.threshold = threshold
         self.candidates = candidates
         self.settings = settings
+        self._built_for = self._generator_key()
         self.trained_on = trained_on
         self.source = source
 
@@ -345,10 +346,15 @@ class Grounder:
         """This grounder's candidate generator, built once where the scorer runs: a detector
         loads its weights once, not once per image (serving grounds image by image), and a
         zero-shot detector given at construction shares the scorer's model."""
-        if self.built is None:
+        if self.built is None or self._built_for != self._generator_key():
             device = getattr(self.scorer, "device", None)
             self.built = candidates.build_proposer(self.candidates, self.settings, device=device)
+            self._built_for = self._generator_key()
         return self.built
+
+    def _generator_key(self) -> tuple[str, str]:
+        """What the built generator depends on (other settings: another generator)."""
+        return self.candidates, repr(sorted(self.settings.items()))
 
     def describe(self) -> str:
         """Which model this is, in words: where it came from and what it was trained on."""
