@@ -264,7 +264,8 @@ class Grounder:
     ``candidates`` names the generator of :mod:`grounding.candidates` that proposes boxes in a
     new image, with its keyword ``settings``; ``trained_on`` is the data the scorer was
     trained on (None when its file does not say); ``source`` is where the grounder was loaded
-    from (a path or an MLflow URI; set by :func:`~grounding.inference.loading.load_grounder`).
+    from (a path or an MLflow URI; set by :func:`~grounding.inference.loading.load_grounder`);
+    ``pretrained_on`` says, for a zero-training grounder, what its model learnt from instead.
     """
 
     def __init__(
@@ -276,6 +277,7 @@ class Grounder:
         settings: dict[str, Any],
         trained_on: TrainedOn | None = None,
         source: str | None = None,
+        pretrained_on: str | None = None,
     ) -> None:
         self.scorer = scorer
         self.threshold = threshold
@@ -283,6 +285,7 @@ class Grounder:
         self.settings = settings
         self.trained_on = trained_on
         self.source = source
+        self.pretrained_on = pretrained_on
 
     @property
     def features(self) -> FeaturesMeta:
@@ -341,7 +344,8 @@ class Grounder:
         trained_on = (
             self.trained_on.describe()
             if self.trained_on
-            else "unknown data (its config does not say; rebuild it with `dvc repro`)"
+            else self.pretrained_on
+            or "unknown data (its config does not say; rebuild it with `dvc repro`)"
         )
         return f"{self.source or 'a grounder in memory'}, trained on {trained_on}"
 

@@ -4,6 +4,8 @@ batch path all call :func:`load_grounder`.
 A grounder is loaded from what this project writes, and from nothing else:
 
 - ``pretrained``: the packaged grounder (trained on real Flickr30k Entities photos);
+- ``hf:<model id or folder>``: a Hugging Face model that grounds with no training
+  (:mod:`grounding.inference.zero_shot`; safetensors weights only);
 - a weights file (``models/grounder.safetensors``): tensors and a JSON config, no code;
 - the folder of an ONNX export (``grounding export``): graphs and JSON, no code;
 - an MLflow model folder, or an MLflow model URI (``runs:/<id>/grounder``,
@@ -29,6 +31,9 @@ from grounding.inference.onnx_grounder import is_onnx_export, load_export
 
 #: ``--model`` / :func:`load_grounder`'s name of the packaged grounder.
 PRETRAINED_NAME = "pretrained"
+#: ``--model hf:<model id or folder>``: a zero-training grounder (before MLflow URIs: ``hf:/``
+#: would read as one).
+ZERO_SHOT_PREFIX = "hf:"
 #: What MLflow writes for a model from code, and the code of ours it copies into the model.
 CODE_LOADER = "mlflow.pyfunc.loaders.code_model"
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
@@ -54,6 +59,11 @@ def load_grounder(model: str, device: str = "auto", *, where: str = "device") ->
             raise DataError(f"{model}: the packaged grounder {path} is missing from this install")
         grounder = _from_path(path, model)
         grounder.source = f"{PRETRAINED_NAME} ({path})"
+    elif model.startswith(ZERO_SHOT_PREFIX):
+        from grounding.inference.zero_shot import zero_shot_grounder
+
+        grounder = zero_shot_grounder(model)
+        grounder.source = model
     elif is_mlflow_uri(model):
         grounder = _from_mlflow_uri(model)
         grounder.source = model

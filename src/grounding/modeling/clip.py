@@ -159,7 +159,9 @@ def _tokenizer(reference: str) -> Any:
         return AutoTokenizer.from_pretrained(reference)
     except (OSError, ValueError) as error:
         detail = " ".join(str(error).split())[:300]
-        raise ValueError(f"'{HF_SCHEME}:{reference}': cannot load its tokenizer: {detail}") from None
+        raise ValueError(
+            f"'{HF_SCHEME}:{reference}': cannot load its tokenizer: {detail}"
+        ) from None
 
 
 def _normalisation(
@@ -268,7 +270,9 @@ def text_pooling(loaded: ImageText) -> TextTowerPooling:
 
 def image_embedding(loaded: ImageText) -> ImageTowerEmbedding:
     """The image tower of ``loaded`` as an :class:`ImageTowerEmbedding`."""
-    return ImageTowerEmbedding(loaded.model.vision_model, _projection(loaded.model, "visual_projection"))
+    return ImageTowerEmbedding(
+        loaded.model.vision_model, _projection(loaded.model, "visual_projection")
+    )
 
 
 def backbone(reference: str, *, weights: Path | None = None, device: object = None) -> Backbone:
@@ -291,22 +295,28 @@ def backbone(reference: str, *, weights: Path | None = None, device: object = No
 
 
 def text_encoder(reference: str, *, device: torch.device | None = None) -> TextEncoder:
-    """The text tower of ``hf:<reference>`` as a text encoder (``features.text_encoder``):
-    :class:`TextTowerPooling` is both its model and its pooling; phrases are cut at the
-    tower's length (77 tokens for CLIP, 64 for SigLIP)."""
+    """The text tower of ``hf:<reference>`` as a text encoder (``features.text_encoder``);
+    see :func:`encoder_of`."""
+    encoder = encoder_of(load_image_text(reference, "a text encoder"))
+    if device is not None:
+        encoder.model.to(device)
+    return encoder
+
+
+def encoder_of(loaded: ImageText) -> TextEncoder:
+    """The text tower of ``loaded`` as a text encoder: :class:`TextTowerPooling` is both its
+    model and its pooling; phrases are cut at the tower's length (77 tokens for CLIP, 64 for
+    SigLIP)."""
     from grounding.modeling.text import MAX_TOKENS, TextEncoder
 
-    loaded = load_image_text(reference, "a text encoder")
     pooling = text_pooling(loaded)
-    if device is not None:
-        pooling.to(device)
     text = loaded.model.config.text_config
     # CLIP projects to projection_dim; SigLIP's pooling head to projection_size (its width)
     dim = getattr(loaded.model.config, "projection_dim", None) or getattr(
         text, "projection_size", None
     )
     return TextEncoder(
-        f"{HF_SCHEME}:{reference}",
+        f"{HF_SCHEME}:{loaded.reference}",
         loaded.tokenizer,
         pooling,
         int(dim or text.hidden_size),
