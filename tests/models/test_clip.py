@@ -283,7 +283,8 @@ def test_the_pipeline_trains_on_clip_features_and_predict_rebuilds_them(
 ) -> None:
     """parse, pair, split, features (``hf:`` backbone and text encoder), train (one epoch)
     and sweep on the tiny dataset, run as dvc.yaml runs them; then ``grounding predict`` with
-    the grounder they wrote, which rebuilds the same CLIP towers."""
+    the grounder they wrote (which rebuilds the same CLIP towers) and with its ONNX export:
+    the same boxes and scores."""
     from stages import features, pair, parse, split, sweep, train
 
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text(encoding="utf-8"))
@@ -299,14 +300,31 @@ def test_the_pipeline_trains_on_clip_features_and_predict_rebuilds_them(
     assert (meta["backbone"], meta["text_encoder"]) == (model, model)
     assert (meta["region_dim"], meta["phrase_dim"]) == (WIDTH + 7, 16)
     grounder = tmp_path / params["paths"]["grounder"]
-    done = run_cli(
-        "predict",
-        str(SAMPLE_IMAGE),
-        "--model",
-        str(grounder),
-        "--phrase",
-        "a red circle",
-        "--no-cache",
-    )
-    assert done.returncode == 0, done.stderr
-    assert len(json.loads(done.stdout)["phrases"][0]["boxes"]) == 1
+    export = tmp_path / "onnx"
+    exported = run_cli("export", "--model", str(grounder), "--out", str(export))
+    assert exported.returncode == 0, exported.stderr
+    answers = []
+    for model_path in (grounder, export):  # torch, then onnxruntime on the exported graphs
+        done = run_cli(
+            "predict",
+            str(SAMPLE_IMAGE),
+            "--model",
+            str(model_path),
+            "--top-k",
+            "3",
+            "--phrase",
+            "a red circle",
+            "--phrase",
+            "two squares",
+            "--no-cache",
+        )
+        assert done.returncode == 0, done.stderr
+        answers.append([phrase["boxes"] for phrase in json.loads(done.stdout)["phrases"]])
+    torch_boxes, onnx_boxes = answers
+    assert [len(boxes) for boxes in torch_boxes] == [3, 3]
+    for expected, found in zip(torch_boxes, onnx_boxes, strict=True):
+        assert [box["box"] for box in found] == [box["box"] for box in expected]
+        scores = [
+            (box["score"], other["score"]) for box, other in zip(found, expected, strict=True)
+        ]
+        assert all(abs(a - b) < 1e-4 for a, b in scores)
