@@ -24,67 +24,9 @@ from grounding.errors import DataError
 from grounding.modeling.backbones import load_backbone
 from grounding.modeling.region_features import region_features
 from grounding.modeling.text import encode_phrases, load_text_encoder
+from tests.models.image_text_models import CLIP_MEAN, FAMILIES, PATCH, WIDTH, save_tiny
 
-FAMILIES = ("clip", "siglip")
-PATCH = 8
-WIDTH = 32
-# A mean the family does not use: the backbone must read it from the image processor config.
-CLIP_MEAN = (0.25, 0.5, 0.75)
 SAMPLE_IMAGE = REPO_ROOT / "data" / "sample" / "images" / "100000001.jpg"
-
-
-def tiny_tokenizer() -> object:
-    """A CLIP tokenizer without files: every byte's character, alone and word-final; no
-    merges (OFFLINE.md's recipe)."""
-    from transformers import CLIPTokenizer
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    chars = sorted(set(bytes_to_unicode().values()))
-    words = [*chars, *(char + "</w>" for char in chars), "<|startoftext|>", "<|endoftext|>"]
-    return CLIPTokenizer(vocab={word: i for i, word in enumerate(words)}, merges=[])
-
-
-def save_tiny(folder: Path, family: str) -> Path:
-    """A randomly initialised two-layer CLIP or SigLIP (width 32, patch 8, 32 px images),
-    its tokenizer and image processor config saved into ``folder``."""
-    from transformers import (
-        CLIPConfig,
-        CLIPImageProcessor,
-        CLIPModel,
-        SiglipConfig,
-        SiglipImageProcessor,
-        SiglipModel,
-    )
-
-    tokenizer = tiny_tokenizer()
-    tower = {
-        "hidden_size": WIDTH,
-        "intermediate_size": 37,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-    }
-    text = {**tower, "vocab_size": len(tokenizer), "max_position_embeddings": 40}
-    vision = {**tower, "image_size": 32, "patch_size": PATCH}
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        if family == "clip":
-            ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
-            config = CLIPConfig(
-                text_config={**text, **ids}, vision_config=vision, projection_dim=16
-            )
-            model = CLIPModel(config)
-            processor = CLIPImageProcessor(
-                size={"shortest_edge": 32},
-                crop_size={"height": 32, "width": 32},
-                image_mean=list(CLIP_MEAN),
-            )
-        else:
-            model = SiglipModel(SiglipConfig(text_config=text, vision_config=vision))
-            processor = SiglipImageProcessor(size={"height": 32, "width": 32})
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
