@@ -42,6 +42,11 @@ CLIP_THRESHOLD = 0.25
 #: Crops embedded in one pass of the image tower.
 CROP_BATCH = 32
 
+#: The image side this grounder asks for (its ``features.image_size``, which the server
+#: decodes JPEGs at least as large as), in the tower's input sides: the crops are cut from
+#: the image, so a box a quarter of the image wide still fills the tower's square.
+CROP_SOURCE_SIDES = 4
+
 
 class ImageTextScorer:
     """A :class:`~grounding.inference.grounder.Scorer` from a CLIP or SigLIP model: the
@@ -59,7 +64,7 @@ class ImageTextScorer:
             backbone=self.encoder.name,
             backbone_weights=None,
             text_encoder=self.encoder.name,
-            image_size=loaded.image_size,
+            image_size=CROP_SOURCE_SIDES * loaded.image_size,
             context=False,
             region_dim=self.encoder.dim,
             phrase_dim=self.encoder.dim,
