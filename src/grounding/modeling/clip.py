@@ -66,8 +66,11 @@ def model_type(reference: str) -> str:
     :class:`ValueError` saying why if there is no config to read."""
     from transformers import AutoConfig
 
+    path = Path(reference)
+    if (path.is_absolute() or reference.startswith(".")) and not path.is_dir():
+        raise ValueError(f"'{HF_SCHEME}:{reference}': no such Hugging Face model folder")
     try:
-        return str(AutoConfig.from_pretrained(reference).model_type)
+        return str(AutoConfig.from_pretrained(path if path.is_dir() else reference).model_type)
     except (OSError, ValueError) as error:
         detail = " ".join(str(error).split())[:300]
         raise ValueError(
