@@ -29,6 +29,12 @@ from tests.models.image_text_models import CLIP_MEAN, FAMILIES, PATCH, WIDTH, sa
 SAMPLE_IMAGE = REPO_ROOT / "data" / "sample" / "images" / "100000001.jpg"
 
 
+def pooled(features: object) -> torch.Tensor:
+    """``get_*_features``' embeddings: the tensor itself before transformers 5, its
+    ``pooler_output`` since."""
+    return getattr(features, "pooler_output", features)  # type: ignore[return-value]
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The tiny models' folders by family."""
@@ -90,7 +96,7 @@ def test_phrase_embeddings_are_the_towers_own_unit_norm_and_deterministic(
         inputs = {"input_ids": tokens["input_ids"]}
         if family == "clip":
             inputs["attention_mask"] = tokens["attention_mask"]
-        expected = model.get_text_features(**inputs).pooler_output
+        expected = pooled(model.get_text_features(**inputs))
     expected = torch.nn.functional.normalize(expected, dim=1).numpy()
     np.testing.assert_allclose(embeddings[0], expected[0], atol=1e-5)
 
@@ -106,14 +112,14 @@ def test_the_zero_training_scores_are_cosines_of_crop_and_phrase(tiny: dict[str,
     scores = grounder.score(image, boxes, ["a red circle", "a blue square"])
     model = AutoModel.from_pretrained(tiny["clip"])
     crop = image.crop((50, 40, 200, 210)).resize((32, 32), Image.Resampling.BICUBIC)
-    pixels = torch.from_numpy(np.asarray(crop)).permute(2, 0, 1)[None].float() / 255
+    pixels = torch.from_numpy(np.array(crop)).permute(2, 0, 1)[None].float() / 255
     pixels = (pixels - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(
         (0.26862954, 0.26130258, 0.27577711)
     ).view(1, 3, 1, 1)
     tokens = grounder.scorer.encoder.tokenizer(["a blue square"], return_tensors="pt")
     with torch.inference_mode():
-        image_embedding = model.get_image_features(pixel_values=pixels).pooler_output
-        text_embedding = model.get_text_features(**tokens).pooler_output
+        image_embedding = pooled(model.get_image_features(pixel_values=pixels))
+        text_embedding = pooled(model.get_text_features(**tokens))
     expected = torch.nn.functional.cosine_similarity(image_embedding, text_embedding).item()
     assert scores.shape == (2, 2)
     assert scores[1, 1] == pytest.approx(expected, abs=1e-5)
@@ -126,6 +132,8 @@ def test_a_family_other_than_clip_and_siglip_is_refused_naming_them(tmp_path: Pa
     BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"'bert' model; as a backbone .* clip, siglip"):
         load_backbone(f"hf:{tmp_path}")
+    with pytest.raises(ValueError, match=r"'hf:/no/such/model': no such Hugging Face model folder"):
+        load_backbone("hf:/no/such/model")
 
 
 class _Trap:
