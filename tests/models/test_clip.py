@@ -86,6 +86,8 @@ def test_phrase_embeddings_are_the_towers_own_unit_norm_and_deterministic(
     assert embeddings.shape == (3, 16 if family == "clip" else WIDTH)
     np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, rtol=1e-5)
     assert embeddings[0].tobytes() == embeddings[2].tobytes()
+    # a phrase longer than the tower's 40 positions is cut, not an error
+    assert np.isfinite(encode_phrases(encoder, ["a very long phrase " * 20])).all()
     # the same with or without a longer phrase in the batch (padding does not leak in)
     np.testing.assert_allclose(again[0], embeddings[0], atol=1e-6)
     # what transformers' own get_text_features gives, padded as the family is fed
