@@ -443,7 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"{PRETRAINED_NAME} (the packaged grounder, trained on real Flickr30k photos), a "
         "grounder weights file, this project's pyfunc model folder, an MLflow URI "
         "(runs:/<run id>/grounder, models:/phrase-grounder/<version>), or the folder of "
-        "`grounding export --format onnx` (fastest to start); default "
+        "`grounding export --format onnx` (fastest to start), or hf:<model id or folder> "
+        "(a Hugging Face CLIP or SigLIP model grounding with no training); default "
         f"{TRAINED_GROUNDER}, or {PRETRAINED_NAME} when that does not exist",
     )
     predict.add_argument(

@@ -97,7 +97,7 @@ def test_torchvision_architecture_without_weights_says_where_to_place_them(
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     checkpoints = tmp_path / "hub" / "checkpoints"
-    with pytest.raises(ValueError, match=rf"'torchvision:resnet18'.*place the file resnet18-"):
+    with pytest.raises(ValueError, match=r"'torchvision:resnet18'.*place the file resnet18-"):
         load_backbone("torchvision:resnet18")
     assert checkpoints.is_dir()  # torchvision's own cache folder, where the file goes
 

@@ -28,7 +28,7 @@ from grounding.candidates.zero_shot import best_boxes
 from grounding.cli import main as cli_main
 from grounding.errors import ConfigError, DataError
 from grounding.inference.loading import is_mlflow_uri, load_grounder
-from grounding.inference.zero_shot import THRESHOLDS, match_scores
+from grounding.inference.detector_grounder import THRESHOLDS, match_scores
 from grounding.modeling.detectors import load_detector
 
 FAMILIES = ["owlv2", "owlvit", "grounding-dino"]
@@ -230,7 +230,7 @@ def test_a_model_of_another_family_is_refused_by_name(tmp_path: Path) -> None:
 
 
 def test_a_missing_folder_is_named(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match=r"hf:.*/missing: no such folder"):
+    with pytest.raises(DataError, match=r"hf:.*/missing': no such Hugging Face model folder"):
         load_grounder(f"hf:{tmp_path / 'missing'}", "cpu")
 
 

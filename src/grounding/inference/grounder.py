@@ -265,7 +265,8 @@ class Grounder:
     new image, with its keyword ``settings`` (``built``: that generator already built, when it
     shares the scorer's model); ``trained_on`` is the data the scorer was
     trained on (None when its file does not say); ``source`` is where the grounder was loaded
-    from (a path or an MLflow URI; set by :func:`~grounding.inference.loading.load_grounder`).
+    from (a path or an MLflow URI; set by :func:`~grounding.inference.loading.load_grounder`);
+    ``pretrained_on`` says, for a zero-training grounder, what its model learnt from instead.
     """
 
     def __init__(
@@ -278,6 +279,7 @@ class Grounder:
         trained_on: TrainedOn | None = None,
         source: str | None = None,
         built: candidates.Proposer | None = None,
+        pretrained_on: str | None = None,
     ) -> None:
         self.built = built
         self.scorer = scorer
@@ -287,6 +289,7 @@ class Grounder:
         self._built_for = self._generator_key()
         self.trained_on = trained_on
         self.source = source
+        self.pretrained_on = pretrained_on
 
     @property
     def features(self) -> FeaturesMeta:
@@ -361,7 +364,8 @@ class Grounder:
         trained_on = (
             self.trained_on.describe()
             if self.trained_on
-            else "unknown data (its config does not say; rebuild it with `dvc repro`)"
+            else self.pretrained_on
+            or "unknown data (its config does not say; rebuild it with `dvc repro`)"
         )
         return f"{self.source or 'a grounder in memory'}, trained on {trained_on}"
 

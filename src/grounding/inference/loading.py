@@ -4,10 +4,11 @@ batch path all call :func:`load_grounder`.
 A grounder is loaded from what this project writes, and from nothing else:
 
 - ``pretrained``: the packaged grounder (trained on real Flickr30k Entities photos);
+- ``hf:<model id or folder>``: a Hugging Face model that grounds with no training (CLIP,
+  SigLIP, OWLv2, OWL-ViT, Grounding DINO: :mod:`grounding.inference.zero_shot`; safetensors
+  weights only);
 - a weights file (``models/grounder.safetensors``): tensors and a JSON config, no code;
 - the folder of an ONNX export (``grounding export``): graphs and JSON, no code;
-- ``hf:<model id or folder>``: a Hugging Face zero-shot detector as a zero-training grounder
-  (:mod:`grounding.inference.zero_shot`; safetensors weights only);
 - an MLflow model folder, or an MLflow model URI (``runs:/<id>/grounder``,
   ``models:/phrase-grounder/<version>``, whose artifacts are downloaded first): its
   ``MLmodel`` file (plain YAML) is read and checked before anything else is touched. Only this

@@ -8,9 +8,11 @@ a second instead of several).
   and RoIAlign), ``image (1, 3, H, W)`` (normalised and padded as
   :func:`~grounding.modeling.region_features.normalised_image` makes it) and ``rois (N, 5)``
   (0, then the box in pixels of that image) -> ``features (N, channels)``;
-- ``text_encoder.onnx``: :class:`~grounding.modeling.pooling.PhrasePooling` (the transformer
-  and its mean pooling), ``input_ids, attention_mask (P, T)`` -> unit-norm ``embeddings (P,
-  dim)``; ``tokenizer.json`` its tokenizer (read with the ``tokenizers`` package);
+- ``text_encoder.onnx``: the text encoder's own pooling
+  (:class:`~grounding.modeling.pooling.PhrasePooling`, a transformer and its mean pooling, or
+  a CLIP or SigLIP text tower), ``input_ids, attention_mask (P, T)`` -> unit-norm
+  ``embeddings (P, dim)``; ``tokenizer.json`` its tokenizer (read with the ``tokenizers``
+  package);
 - ``head.onnx``: :class:`~grounding.modeling.scoring.GridScorer`, ``regions (N, region_dim),
   phrases (P, phrase_dim)`` -> match ``probabilities (P, N)``;
 - ``grounder.json``: the threshold, the candidate generator and its settings, how the

@@ -1,139 +1,45 @@
-"""Zero-training grounders: a Hugging Face zero-shot detector grounds the phrases itself.
+"""Zero-training grounders: ``grounding predict --model hf:<model id or folder>``.
 
-``grounding predict --model hf:<OWLv2, OWL-ViT or Grounding DINO id or folder>`` needs no
-training: the detector, loaded once (:func:`~grounding.modeling.detectors.load_detector`), is
-both parts of a :class:`~grounding.inference.grounder.Grounder`:
+A Hugging Face model that already matches images with text grounds phrases with no training
+on this project's data. The family of the model (the ``model_type`` of its config, read before
+any weights) picks the grounder from :data:`ZERO_SHOT`:
 
-- its candidates are the detector's class-agnostic boxes (the ``hf:`` generator of
-  :mod:`grounding.candidates.zero_shot`, built on the same loaded model);
-- its :class:`DetectorScorer` runs the detector with the phrases as text queries and scores
-  each candidate, for each phrase, by the detector's boxes that overlap it: the highest
-  ``IoU(candidate, detector box) x the phrase's probability for that box``. A candidate that
-  is one of the detector's own boxes (always, for OWLv2, whose boxes do not depend on the
-  text) gets at least the detector's own probability; a candidate that only half overlaps a
-  confident box gets half that box's probability from it.
-
-The threshold is the one the library's post-processing keeps boxes above by default
-(:data:`THRESHOLDS`: 0.1 for OWLv2 and OWL-ViT, 0.25 for Grounding DINO).
-:data:`ZERO_SHOT_GROUNDERS` maps each detector family to its builder.
+- ``clip``, ``siglip``: selective search's boxes, each crop scored by the cosine of its image
+  embedding with the phrase's (:mod:`grounding.inference.image_text_grounder`);
+- ``owlv2``, ``owlvit``, ``grounding-dino``: the detector's own boxes, scored with the phrases
+  as its text queries (:mod:`grounding.inference.detector_grounder`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict
-from typing import TYPE_CHECKING, Any
-
-import numpy as np
-from PIL import Image
-
-from grounding.boxes import box_iou
-from grounding.candidates.zero_shot import HF, DetectorProposer, Settings
 from grounding.errors import ConfigError, DataError
+from grounding.inference.detector_grounder import detector_grounder
 from grounding.inference.grounder import Grounder
-from grounding.modeling.detectors import (
-    GROUNDING_DINO,
-    OWLV2,
-    OWLVIT,
-    ZeroShotDetector,
-    load_detector,
-    model_type,
-)
-from grounding.schemas import FeaturesMeta
+from grounding.inference.image_text_grounder import image_text_grounder
+from grounding.modeling.detectors import GROUNDING_DINO, OWLV2, OWLVIT
+from grounding.modeling.hugging_face import HF_SCHEME, model_type
+from grounding.registry import Registry
 
-if TYPE_CHECKING:
-    import torch
-
-#: The default threshold of each family: its library post-processing's default.
-THRESHOLDS: dict[str, float] = {OWLV2: 0.1, OWLVIT: 0.1, GROUNDING_DINO: 0.25}
-
-
-class DetectorScorer:
-    """A :class:`~grounding.inference.grounder.Scorer` from a zero-shot detector (see the
-    module docstring)."""
-
-    def __init__(self, detector: ZeroShotDetector) -> None:
-        self.detector = detector
-        self.device: torch.device | None = None
-
-    @property
-    def features(self) -> FeaturesMeta:
-        """The detector as both towers; ``image_size`` is the side its processor resizes to.
-        It makes no features of its own (their sizes are 0)."""
-        name = f"{HF}:{self.detector.reference}"
-        return FeaturesMeta(name, None, name, self.detector.side, False, 0, 0, 0, 0)
-
-    def score(self, image: Image.Image, boxes: np.ndarray, phrases: Sequence[str]) -> np.ndarray:
-        """Scores ``(len(phrases), len(boxes))`` in [0, 1] of every phrase with every box
-        ``(N, 4)`` (pixels of ``image``)."""
-        found = self.detector.detect(image.convert("RGB"), list(phrases))
-        boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
-        return match_scores(boxes, found.boxes, found.scores)
-
-    def place(self, device: str, where: str) -> None:
-        from grounding.modeling.device import resolve_device
-
-        placed = resolve_device(device, where)
-        self.detector.to(placed)
-        self.device = placed
-
-    def out_of_memory_hint(self, advice: str) -> AbstractContextManager[object]:
-        from grounding.modeling.device import gpu_memory_hint
-
-        return gpu_memory_hint(self.device, advice) if self.device else nullcontext()
-
-    def onnx_parts(self) -> tuple[dict[str, bytes], str, dict[str, Any]]:
-        raise DataError(
-            f"{HF}:{self.detector.reference}: a zero-shot detector has no ONNX export here; "
-            "export a grounder trained by the pipeline"
-        )
-
-
-def match_scores(boxes: np.ndarray, found: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """Each phrase's score of each box: ``max over m of IoU(boxes[n], found[m]) x
-    scores[p, m]`` for ``boxes (N, 4)``, the detector's boxes ``found (M, 4)`` and their
-    scores ``(P, M)``: ``(P, N)`` float32."""
-    overlap = box_iou(boxes, found).astype(np.float32)  # (N, M)
-    if overlap.shape[1] == 0:
-        return np.zeros((scores.shape[0], len(boxes)), dtype=np.float32)
-    return (overlap[None, :, :] * scores[:, None, :]).max(axis=2)
-
-
-def detector_grounder(reference: str) -> Grounder:
-    """A grounder whose candidates and scores both come from the detector ``reference``
-    names (loaded once, on the CPU until placed)."""
-    detector = load_detector(reference)
-    settings = Settings()
-    return Grounder(
-        DetectorScorer(detector),
-        threshold=THRESHOLDS[detector.family],
-        candidates=f"{HF}:{reference}",
-        settings=asdict(settings),
-        built=DetectorProposer(detector, settings),
-    )
-
-
-#: The zero-training grounder of each family of ``hf:`` model, by ``model_type``.
-ZERO_SHOT_GROUNDERS: dict[str, Callable[[str], Grounder]] = {
-    OWLV2: detector_grounder,
-    OWLVIT: detector_grounder,
-    GROUNDING_DINO: detector_grounder,
-}
+#: How each family (a config's ``model_type``) grounds with no training: reference -> grounder.
+ZERO_SHOT: Registry[Grounder] = Registry("zero-training family", f"--model {HF_SCHEME}:")
+for _family in ("clip", "siglip"):
+    ZERO_SHOT.add(_family, image_text_grounder)
+for _family in (OWLV2, OWLVIT, GROUNDING_DINO):
+    ZERO_SHOT.add(_family, detector_grounder)
 
 
 def zero_shot_grounder(reference: str) -> Grounder:
     """The zero-training grounder of the Hugging Face model ``reference`` (a model id or
-    folder; ``--model hf:<reference>``) by its family (:data:`ZERO_SHOT_GROUNDERS`).
-    :class:`DataError` with one line for a model that cannot be loaded or is of no family
-    this package grounds with."""
+    folder: ``--model hf:<reference>``), on the CPU, by its family (:data:`ZERO_SHOT`).
+    :class:`DataError` with one line for a model that cannot be read, is of a family without
+    a zero-training grounder, or whose weights are not safetensors."""
     try:
         family = model_type(reference)
-        if family not in ZERO_SHOT_GROUNDERS:
+        if family not in ZERO_SHOT:
             raise ConfigError(
-                f"{HF}:{reference}: a {family or 'unknown'!r} model; --model hf: grounds with "
-                f"{', '.join(sorted(ZERO_SHOT_GROUNDERS))}"
+                f"{HF_SCHEME}:{reference} is a {family or 'unknown'!r} model; grounding with no "
+                f"training knows the families {', '.join(ZERO_SHOT)}"
             )
-        return ZERO_SHOT_GROUNDERS[family](reference)
-    except ConfigError as error:
+        return ZERO_SHOT.build(family, reference=reference)
+    except ValueError as error:  # ConfigError too
         raise DataError(str(error)) from None

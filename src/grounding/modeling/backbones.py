@@ -209,3 +209,13 @@ BACKBONES: Registry[Backbone] = Registry("backbone", "features.backbone")
 BACKBONES.add("efficientnet-lite0", _efficientnet_lite0)
 BACKBONES.add("mobilenet-v2", _mobilenet_v2)
 BACKBONES.add("torchvision", _torchvision_backbone, scheme=True)
+
+
+def _hugging_face(reference: str, *, weights: Path | None, device: object = None) -> Backbone:
+    from grounding.modeling import clip
+
+    return clip.backbone(reference, weights=weights, device=device)
+
+
+# hf:<model id or folder>: the image tower of a CLIP or SigLIP model (grounding.modeling.clip)
+BACKBONES.add("hf", _hugging_face, scheme=True)

@@ -24,13 +24,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
 from grounding.errors import ConfigError, DataError
+from grounding.modeling.hugging_face import model_type
 
 if TYPE_CHECKING:
     import torch
@@ -129,22 +129,6 @@ def load_detector(reference: str, *, device: torch.device | str | None = None) -
     model.eval().requires_grad_(False)
     model.to(device or "cpu")
     return ZeroShotDetector(reference, family, model, processor)
-
-
-def model_type(reference: str) -> str:
-    """The ``model_type`` of the Hugging Face model ``reference`` (a model id or folder), read
-    from its config alone; :class:`ConfigError` with one line if that cannot be read."""
-    from transformers import AutoConfig
-
-    # a path, not an id (``namespace/name``): say so, rather than what the Hub says of it
-    path_like = reference.startswith((".", "/")) or reference.count("/") > 1
-    if path_like and not Path(reference).is_dir():
-        raise ConfigError(f"hf:{reference}: no such folder (nor a Hugging Face model id)")
-    try:
-        config = AutoConfig.from_pretrained(reference)
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"hf:{reference}: cannot read its config ({_one_line(error)})") from None
-    return str(getattr(config, "model_type", ""))
 
 
 def _one_line(error: BaseException) -> str:

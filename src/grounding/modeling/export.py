@@ -27,9 +27,9 @@ from torch import nn
 
 from grounding.modeling.backbones import Backbone
 from grounding.modeling.head import Head
-from grounding.modeling.pooling import PhrasePooling, RegionPooling
+from grounding.modeling.pooling import RegionPooling
 from grounding.modeling.scoring import GridScorer
-from grounding.modeling.text import MAX_TOKENS, TextEncoder
+from grounding.modeling.text import TextEncoder
 
 #: ONNX opset of the exported graphs (RoiAlign with ``coordinate_transformation_mode`` needs 16;
 #: torchvision maps ``aligned=True`` to ``half_pixel`` from there).
@@ -39,8 +39,9 @@ OPSET = 17
 def onnx_models(backbone: Backbone, encoder: TextEncoder, head: Head) -> dict[str, bytes]:
     """The serialised ONNX graphs ``{"regions", "text", "head"}`` of the modules the eager path
     runs: :class:`~grounding.modeling.pooling.RegionPooling` (``image (1, 3, H, W), rois (N,
-    5) -> features (N, channels)``), :class:`~grounding.modeling.pooling.PhrasePooling`
-    (``input_ids, attention_mask (P, T) -> embeddings (P, dim)``) and
+    5) -> features (N, channels)``), the encoder's own pooling
+    (:attr:`~grounding.modeling.text.TextEncoder.pooling`: ``input_ids, attention_mask (P, T)
+    -> embeddings (P, dim)``) and
     :class:`~grounding.modeling.scoring.GridScorer` (``regions (N, region_dim), phrases (P,
     phrase_dim) -> probabilities (P, N)``)."""
     stride = backbone.stride
@@ -61,7 +62,7 @@ def onnx_models(backbone: Backbone, encoder: TextEncoder, head: Head) -> dict[st
             {"features": {0: "boxes"}},
         ),
         "text": _export(
-            PhrasePooling(encoder.model),
+            encoder.pooling,
             (ids, mask),
             {"input_ids": phrases, "attention_mask": tokens},
             {"embeddings": {0: "phrases"}},
@@ -170,5 +171,5 @@ def export_settings(backbone: Backbone, encoder: TextEncoder) -> dict[str, Any]:
             "mean": [float(v) for v in backbone.mean],
             "std": [float(v) for v in backbone.std],
         },
-        "text_encoder": {"dim": int(encoder.dim), "max_tokens": MAX_TOKENS},
+        "text_encoder": {"dim": int(encoder.dim), "max_tokens": encoder.max_tokens},
     }

