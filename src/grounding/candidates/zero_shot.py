@@ -22,9 +22,9 @@ from PIL import Image
 
 from grounding.candidates import GENERATORS
 from grounding.modeling.detectors import ZeroShotDetector, load_detector
+from grounding.modeling.hugging_face import HF_SCHEME
 
 #: The scheme of Hugging Face models (``pair.candidates: hf:<model id or folder>``).
-HF = "hf"
 
 #: :attr:`grounding.candidates.Proposer.version` of :class:`DetectorProposer`.
 VERSION = 1
@@ -98,4 +98,4 @@ def _make(reference: str, settings: Settings, *, device: Any = None) -> Detector
     return DetectorProposer(load_detector(reference, device=device), settings)
 
 
-GENERATORS.add(HF, _make, settings=Settings, scheme=True)
+GENERATORS.add(HF_SCHEME, _make, settings=Settings, scheme=True)

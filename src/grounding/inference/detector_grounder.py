@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from grounding.boxes import box_iou
-from grounding.candidates.zero_shot import HF, DetectorProposer, Settings
+from grounding.candidates.zero_shot import DetectorProposer, Settings
 from grounding.errors import DataError
 from grounding.inference.grounder import Grounder
 from grounding.modeling.detectors import (
@@ -39,6 +39,7 @@ from grounding.modeling.detectors import (
     ZeroShotDetector,
     load_detector,
 )
+from grounding.modeling.hugging_face import HF_SCHEME
 from grounding.schemas import FeaturesMeta
 
 if TYPE_CHECKING:
@@ -60,7 +61,7 @@ class DetectorScorer:
     def features(self) -> FeaturesMeta:
         """The detector as both towers; ``image_size`` is the side its processor resizes to.
         It makes no features of its own (their sizes are 0)."""
-        name = f"{HF}:{self.detector.reference}"
+        name = f"{HF_SCHEME}:{self.detector.reference}"
         return FeaturesMeta(name, None, name, self.detector.side, False, 0, 0, 0, 0)
 
     def score(self, image: Image.Image, boxes: np.ndarray, phrases: Sequence[str]) -> np.ndarray:
@@ -84,7 +85,7 @@ class DetectorScorer:
 
     def onnx_parts(self) -> tuple[dict[str, bytes], str, dict[str, Any]]:
         raise DataError(
-            f"{HF}:{self.detector.reference}: a zero-shot detector has no ONNX export here; "
+            f"{HF_SCHEME}:{self.detector.reference}: a zero-shot detector has no ONNX export here; "
             "export a grounder trained by the pipeline"
         )
 
@@ -107,7 +108,7 @@ def detector_grounder(reference: str) -> Grounder:
     return Grounder(
         DetectorScorer(detector),
         threshold=THRESHOLDS[detector.family],
-        candidates=f"{HF}:{reference}",
+        candidates=f"{HF_SCHEME}:{reference}",
         settings=asdict(settings),
         built=DetectorProposer(detector, settings),
         pretrained_on=f"the data {detector.family} was pretrained on (zero-training)",

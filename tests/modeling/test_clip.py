@@ -24,7 +24,7 @@ from grounding.errors import DataError
 from grounding.modeling.backbones import load_backbone
 from grounding.modeling.region_features import region_features
 from grounding.modeling.text import encode_phrases, load_text_encoder
-from tests.models.image_text_models import CLIP_MEAN, FAMILIES, PATCH, WIDTH, save_tiny
+from tests.modeling.image_text_models import CLIP_MEAN, FAMILIES, PATCH, WIDTH, save_tiny
 
 SAMPLE_IMAGE = REPO_ROOT / "data" / "sample" / "images" / "100000001.jpg"
 

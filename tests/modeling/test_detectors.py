@@ -27,8 +27,8 @@ from grounding.candidates import GENERATORS, build_proposer
 from grounding.candidates.zero_shot import best_boxes
 from grounding.cli import main as cli_main
 from grounding.errors import ConfigError, DataError
-from grounding.inference.loading import is_mlflow_uri, load_grounder
 from grounding.inference.detector_grounder import THRESHOLDS, match_scores
+from grounding.inference.loading import is_mlflow_uri, load_grounder
 from grounding.modeling.detectors import load_detector
 
 FAMILIES = ["owlv2", "owlvit", "grounding-dino"]
