@@ -76,7 +76,10 @@ def test_unknown_backbone_is_refused() -> None:
         load_backbone("resnet-9000")
     with pytest.raises(ConfigError, match=r"unknown backbone 'resnet18'.*torchvision:<ref>"):
         load_backbone("resnet18")  # a torchvision architecture is named with its scheme
-    with pytest.raises(ConfigError, match=r"torchvision has no classification architecture 'x'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"torchvision has no classification architecture or detection builder 'x'",
+    ):
         load_backbone("torchvision:x")
 
 
