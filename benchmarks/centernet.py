@@ -10,9 +10,10 @@ project's Flickr30k reader, and computes candidates with
   3.0.4, run by TensorFlow.js 4.22 (WASM backend) through ``benchmarks/centernet_tfjs.cjs``:
   the image stretched to 512 x 512 RGB (PIL bilinear), 0-255 floats; its 100 boxes scaled back
   to the image's pixels and ordered by score;
-* with ``--onnx``, the same CenterNet converted to ONNX (``--onnx-from`` converts it first with
-  a venv holding ``tensorflowjs`` and ``tf2onnx``), run by onnxruntime on the same inputs: the
-  largest difference to TensorFlow.js's outputs and its time per image.
+* with ``--onnx``, the same CenterNet converted to ONNX (``--onnx-from`` converts it first:
+  ``tools/centernet.py`` in its venv), run by :class:`CenterNetProposer` (onnxruntime) on the
+  same images, timed right after selective search on each: the largest difference to
+  TensorFlow.js's outputs and its time per image.
 
 Box recall is the share of ground truth covered by some candidate at IoU >= 0.5, counted three
 ways: per phrase with ANY-box (a hit on any of its boxes: the project's Recall@k and upper
