@@ -21,8 +21,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 from PIL import Image
+from stand_ins import SETTINGS, two_shapes
 
+from grounding.boxes import box_iou
+from grounding.candidates import build_proposer, settings_of
 from grounding.candidates.centernet import SIDE, CenterNetProposer, detector_input, select
+from grounding.candidates.selective_search import propose
 from grounding.errors import ConfigError, DataError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -194,3 +198,36 @@ def test_the_converted_model_gives_the_boxes_tensorflow_js_gives(converted: Path
     scale = np.array([image.width, image.height] * 2) / SIDE
     np.testing.assert_allclose(boxes, TFJS_TOP5[:, :4] * scale, atol=0.05)
     assert (np.diff(scores) <= 0).all()
+
+
+# --- the `centernet` generator: CenterNet's best boxes, then selective search ------------------
+
+
+def test_the_generator_leads_with_the_detector_s_boxes_then_fills_with_selective_search(
+    tiny: Path,
+) -> None:
+    image = two_shapes()
+    settings = {"model": str(tiny), "detector_boxes": 2, "max_proposals": 6}
+    boxes = build_proposer("centernet", settings).propose(image)
+    detector, _ = CenterNetProposer(tiny, max_proposals=2, min_score=0.0).propose(image)
+    np.testing.assert_allclose(boxes[:2], detector, atol=1e-4)  # the detector's best two first
+    assert 2 < len(boxes) <= 6  # then selective search's largest, near-duplicates dropped
+    filled = propose(image, **{**SETTINGS, "max_proposals": 100, "min_size": 16})
+    assert all(box_iou(box[None], filled).max() > 0.999 for box in boxes[2:])
+    assert box_iou(boxes, boxes)[np.triu_indices(len(boxes), 1)].max() < 0.7
+
+
+def test_the_generator_without_detector_boxes_is_selective_search(tiny: Path) -> None:
+    image = two_shapes()
+    boxes = build_proposer(
+        "centernet", {"model": str(tiny), "detector_boxes": 0, "max_proposals": 5}
+    ).propose(image)
+    np.testing.assert_array_equal(boxes, propose(image, **{**SETTINGS, "min_size": 16})[:5])
+
+
+def test_the_generator_s_settings_name_their_key(tiny: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"candidates\.centernet: expected 0 <= detector_boxes"):
+        build_proposer("centernet", {"model": str(tiny), "detector_boxes": 101})
+    with pytest.raises(DataError, match=r"no such ONNX file; make it with tools/centernet.py"):
+        build_proposer("centernet", {"model": str(tmp_path / "none.onnx")})
+    assert settings_of("centernet")["model"] == "models/centernet.onnx"  # JSON-ready

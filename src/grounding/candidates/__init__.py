@@ -176,6 +176,7 @@ def candidates_table(regions: Mapping[str, np.ndarray], source: str) -> pd.DataF
 
 # Each generator's module registers it (below GENERATORS, which they import).
 from grounding.candidates import (  # noqa: E402,F401
+    centernet,  # CenterNet (ONNX) + selective search
     detection,  # torchvision:<builder>
     selective_search,
     zero_shot,  # hf:<ref>

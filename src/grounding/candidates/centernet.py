@@ -10,17 +10,20 @@ It finds people, animals, vehicles and objects that selective search splits or m
 300 real Flickr30k Entities images, its 30 best boxes in place of selective search's last 30
 raised the share of phrases some candidate covers at IoU >= 0.5 from 0.85 to 0.90
 (``reports/centernet-study.md``). It proposes no scenery or clothing: a complement to
-selective search, not a replacement.
+selective search, not a replacement, and so the ``centernet`` generator
+(:class:`CenterNetAndSelectiveSearch`) is the two together.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
+from grounding.candidates import GENERATORS
 from grounding.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -131,3 +134,68 @@ def _session(onnx_path: Path, threads: int) -> onnxruntime.InferenceSession:
             f"{inputs} and outputs {outputs}"
         )
     return session
+
+
+@dataclass(frozen=True)
+class Settings:
+    """``candidates.centernet`` in ``params.yaml``: the converted model's file (relative to the
+    working folder: the repository when DVC runs the stage), how many of its best boxes lead
+    the list, and the list's budget, filled with selective search's largest boxes (its default
+    settings). The study's choice: 30 of 100, near-duplicates dropped."""
+
+    model: str = "models/centernet.onnx"
+    detector_boxes: int = 30
+    min_score: float = 0.0
+    max_proposals: int = 100
+    dedupe_iou: float = 0.7
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.detector_boxes <= self.max_proposals or self.max_proposals < 1:
+            raise ValueError(
+                "expected 0 <= detector_boxes <= max_proposals and max_proposals >= 1, got "
+                f"{self.detector_boxes} and {self.max_proposals}"
+            )
+        if not 0.0 <= self.min_score < 1.0 or not 0.0 < self.dedupe_iou <= 1.0:
+            raise ValueError(
+                f"expected min_score in [0, 1) and dedupe_iou in (0, 1], got {self.min_score} "
+                f"and {self.dedupe_iou}"
+            )
+
+
+class CenterNetAndSelectiveSearch:
+    """The ``centernet`` generator: CenterNet's best ``detector_boxes`` (a box within
+    ``dedupe_iou`` of a better one dropped: one object under two COCO classes), then selective
+    search's largest boxes up to ``max_proposals`` (a box within ``dedupe_iou`` of a kept one
+    dropped). On 300 real images: 0.903 of phrases covered at IoU >= 0.5 against selective
+    search's 0.850, at the same 100 boxes (``reports/centernet-study.md``)."""
+
+    version = 1
+
+    def __init__(self, settings: Settings) -> None:
+        from grounding.candidates import selective_search
+
+        self.settings = settings
+        self.detector = CenterNetProposer(
+            Path(settings.model), max(settings.detector_boxes, 1), settings.min_score
+        )
+        self.fill = selective_search.SelectiveSearch(
+            selective_search.Settings(max_proposals=settings.max_proposals)
+        )
+
+    def propose(self, image: Image.Image) -> np.ndarray:
+        from grounding.candidates.selective_search import dedupe
+
+        found = np.empty((0, 4))
+        if self.settings.detector_boxes:
+            boxes, _ = self.detector.propose(image)
+            found = boxes[dedupe(boxes, self.settings.dedupe_iou, self.settings.detector_boxes)]
+        both = np.concatenate([found, self.fill.propose(image).astype(np.float64)])
+        keep = dedupe(both, self.settings.dedupe_iou, self.settings.max_proposals)
+        return both[keep].astype(np.float32)
+
+
+def _make(settings: Settings, *, device: object = None) -> CenterNetAndSelectiveSearch:
+    return CenterNetAndSelectiveSearch(settings)
+
+
+GENERATORS.add("centernet", _make, settings=Settings)
