@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import asdict
 from pathlib import Path
 
 from grounding import io, tracking, validation
-from grounding.config import flatten, load_params, repo_root, tracking_uri
+from grounding.config import flatten, load_params, params_as_dict, repo_root, tracking_uri
 from grounding.errors import DataError, redact, run
 from grounding.evaluation import plots, report
 from grounding.evaluation.metrics import merged_iou
@@ -101,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
             run_id, version, champion = tracking.log_pipeline_run(
                 uri=uri,
                 artifacts_at=tracking.artifact_location(root),
-                params=flatten(asdict(params)),
+                params=flatten(params_as_dict(params)),
                 history=io.read_csv(args.history),
                 metrics=headline,  # the rest (confusion counts, per type) is test.json
                 validation_f1=sweep["val_f1"],

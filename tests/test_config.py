@@ -16,6 +16,7 @@ from grounding.config import (
     Params,
     flatten,
     load_params,
+    params_as_dict,
     params_from_dict,
     parse_settings,
     repo_root,
@@ -246,3 +247,12 @@ def test_set_param_rewrites_only_the_line_it_sets(tmp_path: Path, override: str)
     key = override.lstrip("+").split("=")[0].split(".")[-1]
     assert all(line.lstrip("-").strip().startswith(f"{key}:") for line in removed), changed
     assert len(removed) == (0 if override.startswith("+") else 1), changed
+
+
+def test_params_as_dict_is_the_file_s_layout(raw: dict[str, Any]) -> None:
+    params = params_from_dict(raw)
+    values = params_as_dict(params)
+    assert values["data"]["odvg"]["train"] == "train.jsonl"  # not under data.formats
+    assert "formats" not in values["data"]
+    assert flatten(values)["heads.matching.hidden"] == raw["heads"]["matching"]["hidden"]
+    assert set(values) == set(raw)

@@ -358,6 +358,21 @@ def load_params(path: Path) -> Params:
         return params_from_dict(yaml.safe_load(handle))
 
 
+def params_as_dict(params: Any) -> dict[str, Any]:
+    """A params dataclass as the mapping ``params.yaml`` holds: a :data:`SECTIONS` field's
+    sections back at the level they were read from (``data.odvg``, not ``data.formats.odvg``)."""
+    values: dict[str, Any] = {}
+    for item in dataclasses.fields(params):
+        value = getattr(params, item.name)
+        if dataclasses.is_dataclass(value):
+            value = params_as_dict(value)
+        if item.metadata.get(SECTIONS):
+            values.update(value)
+        else:
+            values[item.name] = value
+    return values
+
+
 def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"train": {"lr": 1e-3}}`` -> ``{"train.lr": 1e-3}`` (for experiment trackers and
     reports; the one flatten of the package)."""
