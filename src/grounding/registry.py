@@ -123,6 +123,11 @@ class Registry(Generic[T]):
         choice = self._lookup(value)
         if choice is not None:
             return choice
+        name = str(value).partition(SCHEME_SEPARATOR)[0]
+        entry = self._entries.get(name)
+        if entry is not None:  # a scheme without its reference, or a plain name with one
+            wanted = f"{name}:<ref>" if entry.scheme else name
+            raise ConfigError(f"{self.key}: {value!r}: the {self.kind} is named {wanted}")
         close = difflib.get_close_matches(str(value), list(self._entries), n=1, cutoff=0.6)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(
