@@ -13,6 +13,7 @@ from grounding.config import load_params, repo_root
 from grounding.data.formats import dataset_format
 from grounding.data.pair import BATCH_IMAGES, PairCounts, pairing
 from grounding.errors import run
+from grounding.numerics import use_numerics
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -28,6 +29,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     params = load_params(args.params)
+    use_numerics(params.runtime.numerics)  # before torch loads (a detector generator runs it)
     parsed = io.read_tables(args.parsed, ("images", "phrases", "boxes", "chain_boxes"))
     images = parsed["images"]
     name = params.pair.candidates
@@ -42,6 +44,7 @@ def main(argv: list[str] | None = None) -> None:
         progress=partial(tqdm, desc=name, unit="image"),
         engine=params.pair.engine,
         ray_settings=params.pair.ray,
+        device=params.runtime.device,  # where a detector generator runs (resolved by it)
     )
     made = pairing(**parsed, candidates=candidates.candidates_table(regions, name))
     tables = {"candidates": made.candidates, "phrases": made.phrases}

@@ -218,3 +218,17 @@ def test_candidates_table_numbers_the_regions_of_the_sorted_images() -> None:
 def test_candidates_table_of_no_regions_has_the_columns() -> None:
     table = candidates_table({}, "annotated")
     assert list(table.columns) == list(CANDIDATES.columns) and table.empty
+
+
+def test_a_generator_that_holds_a_model_gets_the_device_the_stage_names(tmp_path: Path) -> None:
+    devices: list[object] = []
+
+    def make(settings: CountingSettings, *, device: object) -> Counting:
+        devices.append(device)
+        return Counting(settings)
+
+    with registered(GENERATORS, "on_device", make, CountingSettings):
+        candidate_regions(
+            "on_device", {}, IMAGES, BOXES, lambda image_id: two_shapes(), device="cpu"
+        )
+    assert devices == ["cpu"]  # the runtime.device spec, resolved by a generator that needs it

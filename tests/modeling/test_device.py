@@ -181,3 +181,15 @@ def test_other_errors_pass_the_memory_hint() -> None:
         gpu_memory_hint(torch.device("cuda"), "lower it"),
     ):
         raise RuntimeError("not memory")
+
+
+def test_as_device_takes_a_spec_a_device_or_nothing() -> None:
+    from grounding.modeling.device import as_device
+
+    assert as_device(None) == torch.device("cpu")
+    assert as_device("cpu") == torch.device("cpu")
+    cpu = torch.device("cpu")
+    assert as_device(cpu) is cpu
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"runtime.device cuda: CUDA is not available"):
+            as_device("cuda")

@@ -136,6 +136,7 @@ def candidate_regions(
     progress: Callable[[Iterable[str]], Iterable[str]] = iter,
     engine: str = "local",
     ray_settings: PairRayParams | None = None,
+    device: Any = None,
 ) -> dict[str, np.ndarray]:
     """The candidate boxes ``{image_id: boxes (N, 4)}`` of every image in ``images`` (its
     ``image_id`` column) by generator ``name`` with its settings in ``sections`` (the
@@ -143,13 +144,15 @@ def candidate_regions(
     distinct annotated ``boxes``, or the boxes proposed from its pixels
     (``load_image(image_id)``; cached when ``cache`` is given) by ``engine``
     (:data:`grounding.candidates.engines.ENGINES`: ``local``, or ``ray`` with
-    ``ray_settings``). ``progress`` wraps the loop over images (a progress bar)."""
+    ``ray_settings``). ``progress`` wraps the loop over images (a progress bar). A generator
+    that holds a model runs it on ``device`` (a torch device, or a ``runtime.device`` spec it
+    resolves; default the CPU)."""
     run_engine = proposal_engine(engine)  # checked even when annotations need no engine
     GENERATORS.check_section(sections)
     if not from_pixels(name):
         return annotated_regions(boxes[boxes["image_id"].isin(set(images["image_id"]))])
     return run_engine(
-        proposer(name, settings_of(name, sections), cache),
+        proposer(name, settings_of(name, sections), cache, device=device),
         images["image_id"].tolist(),
         load_image,
         progress=progress,

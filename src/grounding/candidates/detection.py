@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from grounding.candidates import GENERATORS
+from grounding.modeling.device import as_device
 
 if TYPE_CHECKING:
     import torch
@@ -61,7 +62,6 @@ class Detector:
     version = VERSION
 
     def __init__(self, builder: str, settings: Settings, *, device: Any = None) -> None:
-        import torch
         import torchvision
 
         from grounding.modeling.torchvision_models import (
@@ -74,7 +74,7 @@ class Detector:
         weights_entry(builder, settings.weights, f"candidates.{SCHEME}.weights")
         self.builder = builder
         self.settings = settings
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.device = as_device(device)
         model = pretrained_model(builder, settings.weights)
         detections = settings.max_proposals * DETECTIONS_PER_PROPOSAL
         for part in (model, getattr(model, "rpn", None), getattr(model, "roi_heads", None)):

@@ -22,6 +22,7 @@ from PIL import Image
 
 from grounding.candidates import GENERATORS
 from grounding.modeling.detectors import ZeroShotDetector, load_detector
+from grounding.modeling.device import as_device
 from grounding.modeling.hugging_face import HF_SCHEME
 
 #: The scheme of Hugging Face models (``pair.candidates: hf:<model id or folder>``).
@@ -95,7 +96,7 @@ def best_boxes(
 
 
 def _make(reference: str, settings: Settings, *, device: Any = None) -> DetectorProposer:
-    return DetectorProposer(load_detector(reference, device=device), settings)
+    return DetectorProposer(load_detector(reference, device=as_device(device)), settings)
 
 
 GENERATORS.add(HF_SCHEME, _make, settings=Settings, scheme=True)

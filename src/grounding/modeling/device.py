@@ -30,6 +30,19 @@ if TYPE_CHECKING:
 MAX_LOADER_WORKERS = 4
 
 
+def as_device(device: str | torch.device | None, where: str = "runtime.device") -> torch.device:
+    """``device`` as a torch device: a spec (``auto``, ``cpu``, ``cuda:N``) is resolved on this
+    machine (:func:`resolve_device`), None is the CPU (a component that holds a model takes
+    either from its caller)."""
+    import torch
+
+    if device is None:
+        return torch.device("cpu")
+    if isinstance(device, str):
+        return resolve_device(device, where)
+    return device
+
+
 def resolve_device(spec: str, where: str = "runtime.device") -> torch.device:
     """The device ``spec`` names on this machine: ``auto`` -> ``cuda`` if torch sees a GPU,
     else ``cpu``. :class:`ConfigError` saying what to change (``where``: the setting that
