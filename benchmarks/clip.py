@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 
 from benchmarks import REPO, SHARED_DATA
-from tests.models.image_text_models import FAMILIES, save_full_size
+from tests.modeling.image_text_models import FAMILIES, save_full_size
 
 PHRASES = ("a man", "a woman in a red shirt", "the dog on the left", "a blue car", "the sky")
 SIZES = {

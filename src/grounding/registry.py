@@ -147,16 +147,17 @@ class Registry(Generic[T]):
         """The checked settings of the component ``value`` names, from ``sections`` (the
         kind's params section: ``{name: {key: value}}``); its dataclass' defaults where the
         section is silent; None for a component without settings."""
-        choice = self.choose(value)
-        if choice.entry.settings is None:
-            given = (sections or {}).get(choice.name)
-            if given:
+        return self._settings(self.choose(value).entry, sections)
+
+    def _settings(self, entry: Entry[T], sections: Mapping[str, Any] | None) -> Any:
+        values = (sections or {}).get(entry.name)
+        if entry.settings is None:
+            if values:
                 raise ConfigError(
-                    f"{self._where(choice.name)}: {self.kind} {choice.name!r} takes no settings"
+                    f"{self._where(entry.name)}: {self.kind} {entry.name!r} takes no settings"
                 )
             return None
-        values = (sections or {}).get(choice.name) or {}
-        return parse_settings(choice.entry.settings, values, self._where(choice.name))
+        return parse_settings(entry.settings, values or {}, self._where(entry.name))
 
     def check_section(self, sections: Mapping[str, Any]) -> None:
         """Check every component's settings in the kind's params section: each key must be a
@@ -169,14 +170,13 @@ class Registry(Generic[T]):
                     f"{self._where(name)}: no {self.kind} is called {name!r}{hint}; "
                     f"known: {', '.join(self)}"
                 )
-            entry = self._entries[name]
-            self.settings(f"{name}:x" if entry.scheme else name, sections)
+            self._settings(self._entries[name], sections)
 
     def build(self, value: str, sections: Mapping[str, Any] | None = None, /, **context: Any) -> T:
         """Build the component ``value`` names with its checked settings (see
         :meth:`settings`) and the caller's ``context`` (a device, ...)."""
         choice = self.choose(value)
-        settings = self.settings(value, sections)
+        settings = self._settings(choice.entry, sections)
         arguments = [choice.reference] if choice.entry.scheme else []
         if choice.entry.settings is not None:
             arguments.append(settings)

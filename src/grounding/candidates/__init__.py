@@ -70,6 +70,20 @@ GENERATORS.add(ANNOTATED, lambda *, device=None: FromAnnotations())
 DEFAULT_PROPOSER = SELECTIVE_SEARCH
 
 
+def suppress_overlaps(boxes: np.ndarray, max_iou: float, limit: int) -> np.ndarray:
+    """Indices of ``boxes (N, 4)``, given best first, kept greedily in that order: a box is
+    dropped when its IoU with one kept before it is above ``max_iou`` (1.0 keeps every box);
+    at most ``limit``. Non-maximum suppression by rank, as the detectors' generators use it
+    (:func:`torchvision.ops.nms` on the ranks, so ties keep the given order)."""
+    import torch
+    from torchvision.ops import nms
+
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    ranks = -torch.arange(len(boxes), dtype=torch.float32)  # strictly decreasing: no ties
+    kept = nms(torch.from_numpy(boxes), ranks, max_iou).numpy()
+    return np.sort(kept)[:limit]
+
+
 def from_pixels(name: str) -> bool:
     """Whether generator ``name`` proposes from pixels (every one but :data:`ANNOTATED`);
     :class:`ConfigError` listing the known ones for an unknown name."""
@@ -80,6 +94,12 @@ def proposer_for_new_images(name: str) -> str:
     """The generator that gives candidates in an image nobody annotated: ``name`` itself when it
     works from pixels, else :data:`DEFAULT_PROPOSER`."""
     return name if from_pixels(name) else DEFAULT_PROPOSER
+
+
+def section(name: str, settings: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Generator ``name``'s own ``settings`` as the ``candidates`` section they would be in
+    (under the scheme's name for ``scheme:<ref>``)."""
+    return {GENERATORS.choose(name).name: dict(settings or {})}
 
 
 def settings_of(name: str, sections: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -93,9 +113,7 @@ def build_proposer(
     name: str, settings: Mapping[str, Any] | None = None, *, device: Any = None
 ) -> Proposer:
     """Generator ``name`` built once with its ``settings`` (a mapping, checked) on ``device``."""
-    return GENERATORS.build(
-        name, {GENERATORS.choose(name).name: dict(settings or {})}, device=device
-    )
+    return GENERATORS.build(name, section(name, settings), device=device)
 
 
 def proposer(
@@ -115,7 +133,7 @@ def proposer(
     built = built or build_proposer(name, settings, device=device)
     if cache is None:
         return built.propose
-    key = cache_key(name, settings_of(name, {GENERATORS.choose(name).name: dict(settings)}), built)
+    key = cache_key(name, settings_of(name, section(name, settings)), built)
     return lambda image: cache.get(image, key, partial(built.propose, image))
 
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from grounding.candidates import GENERATORS
+from grounding.candidates import GENERATORS, suppress_overlaps
 from grounding.modeling.device import as_device
 
 if TYPE_CHECKING:
@@ -126,7 +126,6 @@ def class_agnostic(
     a kept one is above ``dedupe_iou``, at most ``limit``. Returns the kept boxes (float32)
     and their scores, best first."""
     import torch
-    from torchvision.ops import box_iou
 
     width, height = size
     boxes = boxes.reshape(-1, 4).clone()
@@ -135,14 +134,8 @@ def class_agnostic(
     sized = ((boxes[:, 2] - boxes[:, 0]) >= 1) & ((boxes[:, 3] - boxes[:, 1]) >= 1)
     boxes, scores = boxes[sized], scores[sized]
     order = torch.sort(scores, descending=True, stable=True).indices
-    kept: list[int] = []
-    for index in order.tolist():
-        if len(kept) == limit:
-            break
-        if kept and box_iou(boxes[index : index + 1], boxes[kept]).max() > dedupe_iou:
-            continue
-        kept.append(index)
-    chosen = torch.tensor(kept, dtype=torch.long)
+    boxes, scores = boxes[order], scores[order]
+    chosen = torch.from_numpy(suppress_overlaps(boxes.numpy(), dedupe_iou, limit))
     return boxes[chosen].float(), scores[chosen].float()
 
 

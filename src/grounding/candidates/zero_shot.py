@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from grounding.candidates import GENERATORS
+from grounding.candidates import GENERATORS, suppress_overlaps
 from grounding.modeling.detectors import ZeroShotDetector, load_detector
 from grounding.modeling.device import as_device
 from grounding.modeling.hugging_face import HF_SCHEME
@@ -78,21 +78,14 @@ def best_boxes(
     first (ties in the given order), each dropped if its IoU with a higher one kept is above
     ``nms_iou`` (1.0 keeps every box), at most ``limit``:
     ``(boxes (N, 4) float32, scores (N,) float32)``."""
-    import torch
-    from torchvision.ops import nms
-
     boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
     scores = np.asarray(scores, dtype=np.float32).reshape(-1)
     valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     boxes, scores = boxes[valid], scores[valid]
     order = np.argsort(-scores, kind="stable")
     boxes, scores = boxes[order], scores[order]
-    if nms_iou < 1.0:
-        # torchvision's nms keeps boxes whose IoU with a better one is <= its threshold
-        kept = nms(torch.from_numpy(boxes), torch.from_numpy(scores), nms_iou)
-        keep = np.sort(kept.numpy())[:limit]  # nms orders by score; keep the stable order
-        return boxes[keep], scores[keep]
-    return boxes[:limit], scores[:limit]
+    keep = suppress_overlaps(boxes, nms_iou, limit)
+    return boxes[keep], scores[keep]
 
 
 def _make(reference: str, settings: Settings, *, device: Any = None) -> DetectorProposer:

@@ -422,7 +422,7 @@ def proposer_of(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     settings = dict(config["candidates"]["settings"])
     if not candidates.from_pixels(name):  # refuses a generator this install lacks
         raise ConfigError(f"candidate generator {name!r} needs annotations; it cannot propose")
-    candidates.settings_of(name, {candidates.GENERATORS.choose(name).name: settings})  # checked
+    candidates.settings_of(name, candidates.section(name, settings))  # checked
     return name, settings
 
 

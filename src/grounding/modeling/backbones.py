@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from grounding.errors import ConfigError
+from grounding.modeling.hugging_face import HF_SCHEME
 from grounding.registry import Registry
 
 if TYPE_CHECKING:  # torch costs about 1.3 s to import: loaded by the functions that use it
@@ -204,18 +205,17 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], name: str, pat
         raise ValueError(f"{path}: not a state_dict of {name!r}: {detail[:300]}") from None
 
 
-#: The backbones ``features.backbone`` may name.
-BACKBONES: Registry[Backbone] = Registry("backbone", "features.backbone")
-BACKBONES.add("efficientnet-lite0", _efficientnet_lite0)
-BACKBONES.add("mobilenet-v2", _mobilenet_v2)
-BACKBONES.add("torchvision", _torchvision_backbone, scheme=True)
-
-
 def _hugging_face(reference: str, *, weights: Path | None, device: object = None) -> Backbone:
+    """``hf:<model id or folder>``: the image tower of a CLIP or SigLIP model
+    (:mod:`grounding.modeling.clip`)."""
     from grounding.modeling import clip
 
     return clip.backbone(reference, weights=weights, device=device)
 
 
-# hf:<model id or folder>: the image tower of a CLIP or SigLIP model (grounding.modeling.clip)
-BACKBONES.add("hf", _hugging_face, scheme=True)
+#: The backbones ``features.backbone`` may name.
+BACKBONES: Registry[Backbone] = Registry("backbone", "features.backbone")
+BACKBONES.add("efficientnet-lite0", _efficientnet_lite0)
+BACKBONES.add("mobilenet-v2", _mobilenet_v2)
+BACKBONES.add("torchvision", _torchvision_backbone, scheme=True)
+BACKBONES.add(HF_SCHEME, _hugging_face, scheme=True)

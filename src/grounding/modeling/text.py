@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from grounding.modeling.hugging_face import HF_SCHEME
 from grounding.registry import Registry
 
 if TYPE_CHECKING:
@@ -95,7 +96,7 @@ def _from_folder(name: str, folder: Path, device: torch.device | None) -> TextEn
 #: The text encoders ``features.text_encoder`` may name.
 TEXT_ENCODERS: Registry[TextEncoder] = Registry("text encoder", "features.text_encoder")
 TEXT_ENCODERS.add("all-minilm-l6-v2", _all_minilm_l6_v2)
-TEXT_ENCODERS.add("hf", _hugging_face, scheme=True)
+TEXT_ENCODERS.add(HF_SCHEME, _hugging_face, scheme=True)
 
 
 def encode_phrases(
